@@ -1,0 +1,1 @@
+"""Vendored backbones and their registry."""
