@@ -1,0 +1,40 @@
+"""Optimizers (AdamW, 8-bit AdamW from bitsandbytes) and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .config import OptimConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: did LoRA injection match any module?")
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ValueError("optim.name=adamw8bit needs bitsandbytes (pip install 'bitsandbytes>=0.50'; "
+                         "0.50 and newer also run on CPU), or use optim.name=adamw") from e
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
