@@ -1,0 +1,52 @@
+"""`python -m backbones info NAME --preset P [--json] [--targets]`: components, parameter counts and
+checkpoint keys of a backbone, built on the meta device (no memory, no download)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lora_core.inject import lora_targetable
+
+from .loading import count_params
+from .registry import backbone_names, get_backbone
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backbones")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="describe a backbone's components without allocating weights")
+    info.add_argument("backbone", choices=backbone_names())
+    info.add_argument("--preset", default=None)
+    info.add_argument("--json", action="store_true", help="machine-readable output with every key and shape")
+    info.add_argument("--targets", action="store_true", help="list the DiT module names LoRA can target")
+    args = ap.parse_args(argv)
+    spec = get_backbone(args.backbone)
+    preset = args.preset or spec.presets[-1]
+    spec.check_preset(preset)
+    comps = spec.component_specs(preset)
+    report: dict = {"backbone": spec.name, "preset": preset, "components": {},
+                    "default_targets": list(spec.default_targets)}
+    for name, module in comps.items():
+        entry = {"num_params": count_params(module),
+                 "keys": {k: list(v.shape) for k, v in module.state_dict().items()}}
+        report["components"][name] = entry
+    if args.targets:
+        report["targets"] = lora_targetable(comps["dit"])
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{spec.name} ({preset})")
+    for name, entry in report["components"].items():
+        print(f"  {name:13s} {entry['num_params']:>15,d} parameters, {len(entry['keys'])} tensors")
+    print(f"  default LoRA targets: {', '.join(spec.default_targets)}")
+    if args.targets:
+        print("  targetable modules:")
+        for t in report["targets"]:
+            print(f"    {t}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,339 @@
+"""`--backbone wan_ti2v`: Wan2.2 TI2V-5B (flow matching, first-frame image conditioning).
+
+Checkpoint folders (both load unchanged):
+- official `Wan-AI/Wan2.2-TI2V-5B`: config.json, diffusion_pytorch_model-0000N-of-00003.safetensors + index,
+  Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/tokenizer.json;
+- diffusers `Wan-AI/Wan2.2-TI2V-5B-Diffusers`: transformer/, vae/, text_encoder/, tokenizer/ (through the key maps).
+Without a folder the preset gets deterministic random weights (the tiny preset's embedded default).
+
+Shapes: B batch, F/H/W video frames/height/width, f/h/w latent ones, Z latent channels, L text tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from lora_core.formats import KeyMap
+
+from .. import flow
+from ..loading import (load_pth, load_safetensors_into, load_state_dict_into, safetensors_shapes,
+                       sharded_safetensors, validate, expected_shapes)
+from ..spec import BackboneSpec, Components, MediaRules
+from .dit import DIT_PRESETS, WanDiT
+from .keymap import dit_from_diffusers, dit_to_diffusers
+from .t5 import T5_PRESETS, UMT5Encoder, encode_prompts, t5_from_hf
+from .tokenizer import WanTokenizer, build_tiny_tokenizer
+from .vae import VAE_PRESETS, WanVAE
+from .vae_keymap import vae_from_diffusers
+
+VAE_FILE = "Wan2.2_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+# upstream's shared_config.sample_neg_prompt, used when no negative prompt is given
+DEFAULT_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                           "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                           "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+PARTS = ("dit", "vae", "text_encoder")
+
+WanDiT.lora_key_map = KeyMap(dit_to_diffusers, dit_from_diffusers, prefix="transformer.")  # type: ignore[attr-defined]
+WanDiT.backbone_name = "wan_ti2v"  # type: ignore[attr-defined]
+
+
+def _layout(ckpt_dir: Path) -> str:
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist (expected the downloaded "
+                                f"Wan-AI/Wan2.2-TI2V-5B folder)")
+    if (ckpt_dir / "transformer").is_dir() or (ckpt_dir / "model_index.json").is_file():
+        return "diffusers"
+    return "official"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class WanTI2VSpec(BackboneSpec):
+    name = "wan_ti2v"
+    presets = ("tiny", "5b")
+    default_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                       "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+    default_rank = 32
+    default_alpha = 32.0
+    patch = (1, 2, 2)
+
+    def media_rules(self, preset: str) -> MediaRules:
+        self.check_preset(preset)
+        if preset == "tiny":
+            return MediaRules(fps=24, frame_stride=4, spatial_multiple=32, default_frames=17,
+                              default_height=64, default_width=64)
+        return MediaRules(fps=24, frame_stride=4, spatial_multiple=32, default_frames=121,
+                          default_height=704, default_width=1280)
+
+    def preset_overrides(self, preset: str) -> dict[str, Any]:
+        self.check_preset(preset)
+        if preset == "tiny":
+            return {"data.num_frames": 17, "data.height": 64, "data.width": 64, "data.fps": 24.0,
+                    "train.gradient_checkpointing": False, "validation.frames": 17,
+                    "validation.height": 64, "validation.width": 64}
+        return {"data.num_frames": 49, "data.height": 704, "data.width": 1280, "data.fps": 24.0,
+                "train.gradient_checkpointing": True, "validation.frames": 121,
+                "validation.height": 704, "validation.width": 1280, "validation.steps": 50}
+
+    # ------------------------------------------------------------------------------ building
+    def component_specs(self, preset: str) -> dict[str, nn.Module]:
+        self.check_preset(preset)
+        with torch.device("meta"):
+            return {"dit": WanDiT(DIT_PRESETS[preset]), "vae": WanVAE(VAE_PRESETS[preset]),
+                    "text_encoder": UMT5Encoder(T5_PRESETS[preset])}
+
+    def _files(self, ckpt_dir: Path, layout: str) -> dict[str, Any]:
+        if layout == "official":
+            return {"dit": lambda: sharded_safetensors(ckpt_dir), "vae": ckpt_dir / VAE_FILE,
+                    "text_encoder": ckpt_dir / T5_FILE, "tokenizer": ckpt_dir / TOKENIZER_DIR}
+        return {"dit": lambda: sharded_safetensors(ckpt_dir / "transformer"),
+                "vae": lambda: sharded_safetensors(ckpt_dir / "vae"),
+                "text_encoder": lambda: sharded_safetensors(ckpt_dir / "text_encoder", "model"),
+                "tokenizer": ckpt_dir / "tokenizer"}
+
+    def check_checkpoint(self, preset: str, ckpt_dir: str | Path, parts: set[str]) -> None:
+        """Every file exists and every key/shape fits, reading headers only (the .pth files are mmapped)."""
+        self.check_preset(preset)
+        ckpt_dir = Path(ckpt_dir)
+        layout = _layout(ckpt_dir)
+        files = self._files(ckpt_dir, layout)
+        metas = self.component_specs(preset)
+        for part in sorted(parts):
+            if part == "dit":
+                shards = files["dit"]()
+                found = {(dit_from_diffusers(k) if layout == "diffusers" else k): s
+                         for k, (_, s) in safetensors_shapes(shards).items()}
+                validate(expected_shapes(metas["dit"]), found, f"{shards[0].parent} (DiT)")
+                self._check_config(ckpt_dir if layout == "official" else ckpt_dir / "transformer", preset)
+            elif part in ("vae", "text_encoder"):
+                src = files[part]
+                if callable(src):
+                    rename = vae_from_diffusers if part == "vae" else t5_from_hf
+                    shards = src()
+                    found = {}
+                    for k, (_, s) in safetensors_shapes(shards).items():
+                        new = _try(rename, k)
+                        if new is not None:
+                            found[new] = s
+                    validate(expected_shapes(metas[part]), found, f"{shards[0].parent} ({part})")
+                else:
+                    sd = load_pth(src)
+                    validate(expected_shapes(metas[part]), {k: tuple(v.shape) for k, v in sd.items()}, str(src))
+                tok = files["tokenizer"]
+                if part == "text_encoder" and not (tok / "tokenizer.json").is_file():
+                    raise FileNotFoundError(f"tokenizer file {tok / 'tokenizer.json'} is missing from the checkpoint")
+            else:
+                raise ValueError(f"unknown component {part!r}; choose from {', '.join(PARTS)}")
+
+    def _check_config(self, folder: Path, preset: str) -> None:
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            return  # shapes were already validated; config.json only double-checks the sizes
+        cfg = json.loads(cfg_file.read_text())
+        want = DIT_PRESETS[preset]
+        pairs = {"dim": want.dim, "ffn_dim": want.ffn_dim, "num_layers": want.num_layers,
+                 "num_heads": want.num_heads, "in_dim": want.in_dim}
+        if "num_attention_heads" in cfg:  # diffusers naming
+            cfg = {"dim": cfg["num_attention_heads"] * cfg["attention_head_dim"], "ffn_dim": cfg.get("ffn_dim"),
+                   "num_layers": cfg.get("num_layers"), "num_heads": cfg["num_attention_heads"],
+                   "in_dim": cfg.get("in_channels")}
+        for k, v in pairs.items():
+            if k in cfg and cfg[k] is not None and cfg[k] != v:
+                raise ValueError(f"{cfg_file}: {k}={cfg[k]} but preset {preset!r} expects {v}; "
+                                 f"pick the preset that matches this checkpoint")
+
+    def build(self, preset: str, parts: set[str], ckpt_dir: str | Path | None = None,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Components:
+        self.check_preset(preset)
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        comps = Components()
+        if ckpt_dir is None:
+            if "dit" in parts:
+                comps.dit = self.random_dit(preset, device, dtype)
+            if "vae" in parts:
+                with _seeded(1):
+                    comps.vae = WanVAE(VAE_PRESETS[preset]).to(device)
+            if "text_encoder" in parts:
+                with _seeded(2):
+                    enc = UMT5Encoder(T5_PRESETS[preset])
+                    nn.init.normal_(enc.token_embedding.weight, std=1.0)
+                comps.text_encoder = enc.to(device).eval()
+                if preset != "tiny":
+                    raise ValueError("random text-encoder weights need a tokenizer; give --ckpt-dir for the 5b "
+                                     "preset")
+                comps.tokenizer = WanTokenizer.from_tokenizer(build_tiny_tokenizer())
+            if comps.vae is not None:
+                comps.vae.eval()
+            return comps
+        ckpt_dir = Path(ckpt_dir)
+        self.check_checkpoint(preset, ckpt_dir, set(parts))
+        layout = _layout(ckpt_dir)
+        files = self._files(ckpt_dir, layout)
+        metas = self.component_specs(preset)
+        if "dit" in parts:
+            dit = metas["dit"]
+            load_safetensors_into(dit, files["dit"](), dtype=dtype, device=device,
+                                  rename=dit_from_diffusers if layout == "diffusers" else None)
+            comps.dit = dit
+        for part, rename in (("vae", vae_from_diffusers), ("text_encoder", t5_from_hf)):
+            if part not in parts:
+                continue
+            model = metas[part]
+            # the VAE runs in fp32 (upstream); the text encoder ships in bf16 and runs in the load dtype
+            part_dtype = torch.float32 if part == "vae" else dtype
+            src = files[part]
+            if callable(src):
+                load_safetensors_into(model, src(), dtype=part_dtype, device=device,
+                                      rename=lambda k, r=rename: _try(r, k))
+            else:
+                load_state_dict_into(model, load_pth(src), str(src), dtype=part_dtype, device=device)
+            setattr(comps, part, model.eval())
+        if "text_encoder" in parts:
+            comps.tokenizer = WanTokenizer(files["tokenizer"])
+        return comps
+
+    def random_dit(self, preset: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, seed: int = 0) -> WanDiT:
+        """Deterministic random DiT (same weights in every process and run): the tiny embedded default,
+        and the 5b size for benchmarks. The head is not zeroed, so blocks receive gradients."""
+        with torch.device("meta"):
+            dit = WanDiT(DIT_PRESETS[preset])
+        dit.to_empty(device=device)
+        with _seeded(seed), torch.no_grad():
+            dit.init_weights()
+            nn.init.xavier_uniform_(dit.head.head.weight)
+        return dit.to(dtype)
+
+    # ---------------------------------------------------------------------------------- data
+    @torch.no_grad()
+    def encode_video(self, comps: Components, video: torch.Tensor) -> torch.Tensor:
+        vae = comps.vae
+        assert vae is not None, "encode_video needs the VAE component"
+        dev = next(vae.parameters()).device
+        return vae.encode(video.to(dev)).float()
+
+    @torch.no_grad()
+    def encode_text(self, comps: Components, prompts: list[str]) -> list[torch.Tensor]:
+        assert comps.text_encoder is not None and comps.tokenizer is not None, "encode_text needs the text encoder"
+        dev = next(comps.text_encoder.parameters()).device
+        return [c.float() for c in encode_prompts(comps.text_encoder, comps.tokenizer, prompts, device=dev)]
+
+    @staticmethod
+    def pad_context(context: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+        """list of [L_i, D] -> [B, max L_i, D] zero-padded (the DiT zero-pads to 512 anyway, unmasked)."""
+        longest = max(c.shape[0] for c in context)
+        out = torch.zeros(len(context), max(longest, 1), context[0].shape[1], device=device)
+        for i, c in enumerate(context):
+            out[i, : c.shape[0]] = c.to(device)
+        return out
+
+    # ------------------------------------------------------------------------------ objective
+    def training_loss(self, dit: nn.Module, latents: torch.Tensor, context: list[torch.Tensor],
+                      sample_seeds: list[int], cfg: Any) -> torch.Tensor:
+        """Flow matching with TI2V first-frame conditioning; cfg is the TrainConfig.
+
+        Sample i's σ, noise and conditioning coin come from a generator seeded with sample_seeds[i], so
+        they do not depend on the batch layout or the number of processes."""
+        xs, ts, masks, targets = [], [], [], []
+        dev = latents.device
+        for i, seed in enumerate(sample_seeds):
+            g = torch.Generator().manual_seed(seed)
+            x0 = latents[i : i + 1].float()
+            sigma = flow.sample_sigmas(1, g, mode=cfg.timestep_sampling, shift=cfg.shift,
+                                       logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
+            noise = torch.randn(x0.shape, generator=g).to(dev)
+            x_t, t_tok, mask, _ = flow.condition_training_batch(x0, noise, sigma.to(dev), cfg.ti2v_prob, g,
+                                                                patch=self.patch)
+            xs.append(x_t)
+            ts.append(t_tok)
+            masks.append(mask)
+            targets.append(flow.flow_target(x0, noise))
+        ctx = self.pad_context(context, dev)
+        pred = dit(torch.cat(xs), torch.cat(ts), ctx)
+        return flow.masked_mse(pred, torch.cat(targets), torch.cat(masks))
+
+    # ------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, comps: Components, prompts: list[str], *, negative_prompt: str | None = None,
+               image: torch.Tensor | None = None, frames: int = 121, height: int = 704, width: int = 1280,
+               steps: int = 50, guidance: float = 5.0, shift: float = 5.0, sampler: str = "unipc", seed: int = 0,
+               device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+               offload: bool = False, progress: bool = False) -> torch.Tensor:
+        """Text (+ first frame) to video. image [3, H, W] in [-1, 1] already at (height, width).
+        Returns [B, 3, frames, height, width] float32 in [-1, 1]."""
+        dit, vae = comps.dit, comps.vae
+        assert dit is not None and vae is not None and comps.text_encoder is not None
+        if sampler not in ("unipc", "euler"):
+            raise ValueError(f"sampler {sampler!r} is not one of 'unipc', 'euler'")
+        device = torch.device(device)
+        b = len(prompts)
+        with _on(comps.text_encoder, device, offload):
+            context = self.pad_context(self.encode_text(comps, prompts), device)
+            uncond = None
+            if guidance != 1.0:
+                neg = DEFAULT_NEGATIVE_PROMPT if not negative_prompt else negative_prompt
+                uncond = self.pad_context(self.encode_text(comps, [neg] * b), device)
+        z = VAE_PRESETS_Z(vae)
+        shape = (b, z, (frames - 1) // 4 + 1, height // 16, width // 16)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        condition, mask = None, None
+        if image is not None:
+            with _on(vae, device, offload):
+                z_first = self.encode_video(comps, image[None, :, None].expand(b, -1, -1, -1, -1).to(device))
+            mask = flow.first_frame_mask(b, *shape[2:], torch.ones(b, dtype=torch.bool, device=device))
+            condition = (z_first, mask)
+        amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+
+        def token_fn(ctx: torch.Tensor) -> flow.TokenModelFn:
+            return lambda x, t_tok: dit(x, t_tok, ctx).float()
+
+        model_fn = flow.with_token_timesteps(token_fn(context), mask, self.patch)
+        if uncond is not None:
+            model_fn = flow.cfg_model(model_fn, flow.with_token_timesteps(token_fn(uncond), mask, self.patch),
+                                      guidance)
+        solver = flow.FlowUniPCSampler(shift=shift) if sampler == "unipc" else flow.FlowEulerSampler(shift=shift)
+        with _on(dit, device, offload), amp:
+            latents = solver.sample(model_fn, noise, steps, condition=condition, progress=progress)
+        with _on(vae, device, offload):
+            return vae.decode(latents.to(next(vae.parameters()).dtype)).float()
+
+
+def VAE_PRESETS_Z(vae: nn.Module) -> int:  # noqa: N802
+    return vae.cfg.z_dim  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def _on(module: nn.Module, device: torch.device, offload: bool) -> Iterator[None]:
+    """Move a component to `device` for the block; with offload, back to the CPU afterwards."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        if offload and home != device:
+            module.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _try(fn: Any, name: str) -> str | None:
+    """Key-map lookups raise on names that are not part of the model (e.g. a decoder in an HF T5 file)."""
+    try:
+        return fn(name)
+    except (ValueError, KeyError):
+        return None
