@@ -40,7 +40,8 @@ def randomize_(model: nn.Module, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
-def tiny_inputs(seed: int = 0, b: int = 2, lat: tuple[int, int, int] = (3, 8, 8), lc: int = 20):
+def tiny_inputs(seed: int = 0, b: int = 2, lat: tuple[int, int, int] = (3, 8, 8),
+                lc: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, TINY.in_dim, *lat, generator=g)
     ctx = torch.randn(b, lc, TINY.text_dim, generator=g)
