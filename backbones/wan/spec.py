@@ -80,8 +80,10 @@ class WanTI2VSpec(BackboneSpec):
     def preset_overrides(self, preset: str) -> dict[str, Any]:
         self.check_preset(preset)
         if preset == "tiny":
+            # the embedded default: a few clips, a model that takes milliseconds a step
             return {"data.num_frames": 17, "data.height": 64, "data.width": 64, "data.fps": 24.0,
-                    "train.gradient_checkpointing": False, "validation.frames": 17,
+                    "train.gradient_checkpointing": False, "train.max_steps": 100, "train.log_every": 10,
+                    "optim.lr": 1e-3, "validation.frames": 17,
                     "validation.height": 64, "validation.width": 64}
         return {"data.num_frames": 49, "data.height": 704, "data.width": 1280, "data.fps": 24.0,
                 "train.gradient_checkpointing": True, "validation.frames": 121,
