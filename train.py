@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--config", help="YAML file with config values")
     ap.add_argument("--cache-only", action="store_true", help="build the latent cache and exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     return args, args.overrides
 
 
@@ -276,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         state = ckpt.load_state(resume_from)
         load_lora(dit, resume_from / "lora.safetensors")
         optimizer.load_state_dict(ckpt.load_tensors(resume_from / "optimizer.pt"))
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(ckpt.load_tensors(resume_from / "rng.pt"))
         start = state["step"]
+        # the schedule is a function of (step, config): rebuilt, so a resumed run may change max_steps
+        for group in optimizer.param_groups:
+            group.pop("initial_lr", None)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps, last_step=start)
+        ckpt.set_rng_state(ckpt.load_tensors(resume_from / "rng.pt"))
         log.info("resumed from %s at step %d", resume_from, start)
     elif args.resume:
         log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, out / "checkpoints")
@@ -296,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 out / "checkpoints", step,
                 files={"lora.safetensors": lambda p: save_lora(dit, p, format="native", backbone=spec.name),
                        "optimizer.pt": optimizer.state_dict(), "rng.pt": ckpt.rng_state()},
-                state={"step": step, "data_position": step * cfg.train.grad_accum,
-                       "scheduler": scheduler.state_dict(), "config": to_dict(cfg)},
+                state={"step": step, "data_position": step * cfg.train.grad_accum, "config": to_dict(cfg)},
                 keep_last=cfg.train.keep_last)
             log.info("checkpoint written: %s", path)
         parallel.barrier(info)

@@ -29,7 +29,8 @@ from lora_core.data import Sample, SampleReadError, VideoDataset, collate
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "1"  # bump when the file layout changes; old entries then miss
-_KEY_META, _ENC_META, _FMT_META, _USER_META = "lora_core.key", "lora_core.encoder_id", "lora_core.format", "lora_core.meta"
+_KEY_META, _ENC_META = "lora_core.key", "lora_core.encoder_id"
+_FMT_META, _USER_META = "lora_core.format", "lora_core.meta"
 
 
 def _file_identity(path: Path, content_hash_max_bytes: int) -> dict[str, Any]:
@@ -219,7 +220,9 @@ def build_cache(
             for name, t in out.items():
                 if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] != len(items):
                     shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"encode_fn returned {name!r} with shape {shape}; expected a tensor [B={len(items)}, ...]")
+                    raise ValueError(
+                        f"encode_fn returned {name!r} with shape {shape}; expected a tensor [B={len(items)}, ...]"
+                    )
             for j, it in enumerate(items):
                 i = it["index"]
                 meta = {"key": it["key"], "path": it["path"], "encoder_id": cache.encoder_id,
@@ -228,7 +231,9 @@ def build_cache(
                 stats.computed += 1
         bar.update(len(batch))
     bar.close()
-    logger.info("latent cache %s: %d reused, %d encoded, %d failed", cache.dir, stats.hits, stats.computed, stats.failed)
+    logger.info(
+        "latent cache %s: %d reused, %d encoded, %d failed", cache.dir, stats.hits, stats.computed, stats.failed
+    )
     return stats
 
 

@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import zlib
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -45,7 +46,6 @@ _CAPTION_KEYS = ("caption", "prompt", "text", "description", "name")  # WebVid's
 _PROMPT_FILES = ("prompts.txt", "prompt.txt")
 _VIDEO_LIST_FILES = ("videos.txt", "video.txt")
 _MASK64 = (1 << 64) - 1
-_STREAMS = {"start": 1, "crop": 2, "caption_dropout": 3, "batches": 4}
 
 
 # ----------------------------------------------------------------------------- config
@@ -158,7 +158,13 @@ class DataReport:
             logger.warning("skipped file: %s%s", msg, hint)
 
     def warn(
-        self, path: str | Path, kind: str, message: str, *, strict_error: str | None = None, level: int = logging.WARNING
+        self,
+        path: str | Path,
+        kind: str,
+        message: str,
+        *,
+        strict_error: str | None = None,
+        level: int = logging.WARNING,
     ) -> None:
         """Report something that does not stop `path` from training; in strict mode raise
         ValueError(`strict_error`) instead, when one is given."""
@@ -208,16 +214,19 @@ def scan_dataset(
         entries, base_dir, layout = _scan_folder(root, vids | imgs)
     samples = _resolve_entries(entries, base or base_dir, vids, imgs, report, root)
     if not samples:
-        skipped = f"; {len(report.skipped)} referenced file(s) were missing or skipped (see warnings)" if report.skipped else ""
+        n_skip = len(report.skipped)
+        skipped = f"; {n_skip} referenced file(s) were missing or skipped (see warnings)" if n_skip else ""
         raise ValueError(f"no usable clips or images found in {root} (read as: {layout}){skipped}.\n{ACCEPTED_LAYOUTS}")
     for s in samples:
         if s.caption is None:
             report.warn(
                 s.path, "caption", "has no caption; training it with an empty caption",
-                strict_error=f"{s.path} has no caption; add a same-name .txt or a caption column, or set data.strict=false",
+                strict_error=f"{s.path} has no caption; add a same-name .txt or caption column, or data.strict=false",
             )  # fmt: skip
     n_img = sum(s.is_image for s in samples)
-    logger.info("found %d samples (%d videos, %d images) in %s as %s", len(samples), len(samples) - n_img, n_img, root, layout)
+    logger.info(
+        "found %d samples (%d videos, %d images) in %s as %s", len(samples), len(samples) - n_img, n_img, root, layout
+    )
     return samples
 
 
@@ -290,7 +299,9 @@ def _read_cogvideo(prompts: Path, videos: Path) -> list[_Entry]:
 
 def _find_metadata(root: Path) -> Path | None:
     tables = sorted(
-        p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".csv", ".json", ".jsonl")
+        p
+        for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".csv", ".json", ".jsonl")
     )
     named = [p for p in tables if p.stem.lower() == "metadata"]
     if named:
@@ -310,19 +321,21 @@ def _find_metadata(root: Path) -> Path | None:
 
 def _rows_to_entries(rows: list[Any], f: Path, line_of: list[int]) -> list[_Entry]:
     entries: list[_Entry] = []
+    columns: set[str] = set()
     for row, line in zip(rows, line_of):
         where = f"{f.name}:{line}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object with a video and a caption, got {type(row).__name__}")
         low = {str(k).strip().lower(): v for k, v in row.items()}
+        columns |= set(low)
+        # An empty cell is one bad row (reported later); no media column at all is a wrong file.
         refs = [str(low[k]).strip() for k in _MEDIA_KEYS if low.get(k) not in (None, "")]
-        if not refs:
-            raise ValueError(
-                f"{where}: no media column; expected one of {', '.join(_MEDIA_KEYS)} (found {', '.join(low) or 'none'})"
-            )
         cap = next((low[k] for k in _CAPTION_KEYS if isinstance(low.get(k), str) and low[k].strip()), None)
         # Several candidate references (WebVid has videoid and contentUrl) are tried in order.
         entries.append(("\0".join(refs), cap.strip() if cap else None, where))
+    if rows and not columns & set(_MEDIA_KEYS):
+        found = ", ".join(sorted(columns)) or "none"
+        raise ValueError(f"{f} has no media column; expected one of {', '.join(_MEDIA_KEYS)} (found {found})")
     return entries
 
 
@@ -394,7 +407,12 @@ class _Resolver:
 
 
 def _resolve_entries(
-    entries: list[_Entry] | list[Path], base: Path, vids: frozenset[str], imgs: frozenset[str], report: DataReport, root: Path
+    entries: list[_Entry] | list[Path],
+    base: Path,
+    vids: frozenset[str],
+    imgs: frozenset[str],
+    report: DataReport,
+    root: Path,
 ) -> list[Sample]:
     samples: list[Sample] = []
     seen: dict[str, int] = {}
@@ -404,10 +422,15 @@ def _resolve_entries(
             media, caption = entry, _read_caption(entry.with_suffix(".txt"))
         else:
             refs, caption, where = entry
+            if not refs.strip():
+                report.skip(where, "names no media file", fix="fill in the video/file column or delete the row")
+                continue
             media = next((m for m in (resolver.resolve(r) for r in refs.split("\0")) if m is not None), None)
             if media is None:
                 first = refs.split("\0")[0]
-                report.skip(first, f"referenced at {where} but not found under {base}", fix="fix the path or set data.media_root")
+                report.skip(
+                    first, f"referenced at {where} but not found under {base}", fix="fix the path or data.media_root"
+                )
                 continue
         ext = media.suffix.lower()
         if ext not in vids | imgs:
@@ -433,8 +456,21 @@ def _read_caption(txt: Path) -> str | None:
 
 
 def sample_rng(seed: int, index: int, stream: str, step: int = 0) -> np.random.Generator:
-    """A generator that depends only on (seed, stream, step, index): never on rank, worker or call order."""
-    return np.random.default_rng([seed & _MASK64, _STREAMS[stream], step & _MASK64, index & _MASK64])
+    """A generator that depends only on (seed, stream, step, index): never on rank, worker or call order.
+
+    `stream` separates uses ("start", "crop", "caption_dropout", "batches"; the trainer may add
+    "noise", "timestep", ...) so that drawing more of one never shifts another.
+    """
+    stream_id = zlib.crc32(stream.encode())  # stable across processes, unlike hash()
+    return np.random.default_rng([seed & _MASK64, stream_id, step & _MASK64, index & _MASK64])
+
+
+def sample_generator(seed: int, index: int, stream: str, step: int = 0) -> torch.Generator:
+    """A CPU torch.Generator fixed by (seed, stream, step, index), e.g. for per-sample noise:
+    torch.randn(shape, generator=sample_generator(seed, i, "noise", step))."""
+    g = torch.Generator()
+    g.manual_seed(int(sample_rng(seed, index, stream, step).integers(0, 2**63 - 1)))
+    return g
 
 
 def available_frames(num_src: int, src_fps: float, fps: float) -> int:
@@ -588,7 +624,7 @@ def probe_samples(
                 src = f" ({s.num_frames} at {s.fps:g} fps)" if cfg.fps and s.fps and cfg.fps != s.fps else ""
                 have = f"has {avail} frames at {cfg.fps or s.fps:g} fps{src}, fewer than num_frames={cfg.num_frames}"
                 if cfg.short_clips == "skip":
-                    report.skip(s.path, have, fix="set data.short_clips=shorten to train it shorter", strict_error=False)
+                    report.skip(s.path, have, fix="data.short_clips=shorten trains it shorter", strict_error=False)
                     continue
                 use = frame_count(avail, cfg.num_frames, cfg.frame_multiple)
                 report.warn(s.path, "short", f"{have}; training it with {use} frames", level=logging.INFO)
@@ -638,10 +674,13 @@ class VideoDataset(Dataset):
                 f"none of the {len(samples)} samples of {cfg.path or 'the dataset'} can be used "
                 "(see the warnings above for each file); fix or replace the files"
             )
-        table = make_buckets(cfg.height, cfg.width, cfg.size_multiple, cfg.max_aspect) if cfg.buckets else [(cfg.height, cfg.width)]
+        table = [(cfg.height, cfg.width)]
+        if cfg.buckets:
+            table = make_buckets(cfg.height, cfg.width, cfg.size_multiple, cfg.max_aspect)
         self.buckets: list[tuple[int, int, int]] = []
         for s in self.samples:
-            frames = 1 if s.is_image else frame_count(available_frames(s.num_frames, s.fps, cfg.fps), cfg.num_frames, cfg.frame_multiple)
+            avail = 1 if s.is_image else available_frames(s.num_frames, s.fps, cfg.fps)
+            frames = frame_count(avail, cfg.num_frames, cfg.frame_multiple)
             self.buckets.append((frames, *nearest_bucket(s.height, s.width, table)))
         self._bad: set[int] = set()
         counts: dict[tuple[int, int, int], int] = {}
@@ -649,7 +688,10 @@ class VideoDataset(Dataset):
             counts[b] = counts.get(b, 0) + 1
         logger.info(
             "dataset: %d samples in %d buckets (F, H, W): %s; %d file(s) skipped",
-            len(self.samples), len(counts), ", ".join(f"{b}x{n}" for b, n in sorted(counts.items())), len(self.report.skipped),
+            len(self.samples),
+            len(counts),
+            ", ".join(f"{b}x{n}" for b, n in sorted(counts.items())),
+            len(self.report.skipped),
         )
 
     def __len__(self) -> int:
@@ -735,7 +777,7 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             shapes = {tuple(v.shape) for v in vals}
             if len(shapes) != 1:
                 raise ValueError(
-                    f"a batch mixes {k!r} shapes {sorted(shapes)}; batch with BucketBatchSampler so each batch is one bucket"
+                    f"a batch mixes {k!r} shapes {sorted(shapes)}; use BucketBatchSampler so each batch is one bucket"
                 )
             out[k] = torch.stack(vals)
         else:
@@ -820,7 +862,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
-        batches = epoch_batches(self.buckets, self.batch_size, self.seed, epoch, repeats=self.repeats, drop_last=self.drop_last)
+        batches = epoch_batches(
+            self.buckets, self.batch_size, self.seed, epoch, repeats=self.repeats, drop_last=self.drop_last
+        )
         if not batches:
             return []
         total = -(-len(batches) // self.num_replicas) * self.num_replicas

@@ -35,6 +35,10 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
+                    last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over optimizer steps; `last_step` > 0 positions it for a resumed run."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps),
+                                             last_epoch=last_step - 1)

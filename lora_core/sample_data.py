@@ -104,5 +104,8 @@ def make_sample_dataset(
         txt.write_text(caption + "\n", encoding="utf-8")
         files[clip.name], files[txt.name] = _sha(clip), _sha(txt)
     manifest.write_text(json.dumps({"params": params, "files": files}, indent=1))
-    logger.info("wrote the sample dataset (%d clips, %dx%d, %d frames at %g fps) to %s", num_clips, width, height, num_frames, fps, out)
+    logger.info(
+        "wrote the sample dataset (%d clips, %dx%d, %d frames at %g fps) to %s",
+        *(num_clips, width, height, num_frames, fps, out),
+    )
     return out

@@ -1,0 +1,187 @@
+"""train.py end to end on the tiny preset (CPU): the embedded default, resume, signals, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from backbones.registry import get_backbone
+from lora_core import load_lora, read_lora
+from lora_core.config import TrainConfig, load_config
+from lora_core.sample_data import make_sample_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """The sample dataset and its latent cache, built once (the slow part: the VAE encode)."""
+    root = tmp_path_factory.mktemp("shared")
+    data = make_sample_dataset(root / "data")
+    cache = root / "cache"
+    assert train.main(["--preset", "tiny", "--data", str(data), "--output", str(root / "warm"),
+                       "--cache-only", f"train.cache_dir={cache}"]) == 0
+    return data, cache
+
+
+def _run(shared, out, *extra):
+    data, cache = shared
+    return train.main(["--preset", "tiny", "--data", str(data), "--output", str(out),
+                       f"train.cache_dir={cache}", "train.log_every=0", *extra])
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl")]
+
+
+def _eval_loss(dit, cache_dir):
+    """Mean flow-matching loss over every cached sample with fixed draws (no conditioning)."""
+    spec = get_backbone("wan_ti2v")
+    entries = [e for e in (load_file(str(f)) for f in sorted(Path(cache_dir).rglob("*.safetensors")))
+               if "latents" in e]
+    assert entries
+    cfg = TrainConfig(ti2v_prob=0.0)
+    with torch.no_grad():
+        vals = [spec.training_loss(dit, e["latents"][None], [e["context"]], [900 + k], cfg).item()
+                for e in entries for k in range(6)]
+    return sum(vals) / len(vals)
+
+
+def test_embedded_default_trains_and_loss_falls(shared, tmp_path):
+    out = tmp_path / "run"
+    assert _run(shared, out, "--max-steps", "60") == 0
+    lora = out / "lora.safetensors"
+    lf = read_lora(lora)
+    assert lf.format == "comfyui" and lf.metadata["backbone"] == "wan_ti2v"
+    assert len(lf.modules) == 2 * 10  # 2 blocks x the 10 default targets
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert {"loss", "lr", "grad_norm", "s_per_step", "samples_per_s", "peak_mem_gb"} <= set(rows[0])
+    saved = load_config(out / "config.yaml")
+    assert saved.train.max_steps == 60 and saved.optim.lr == pytest.approx(1e-3)
+    spec = get_backbone("wan_ti2v")
+    dit = spec.random_dit("tiny")
+    before = _eval_loss(dit, shared[1])
+    load_lora(dit, lora)
+    after = _eval_loss(dit, shared[1])
+    assert after < 0.75 * before, (before, after)
+
+
+def test_resume_is_exact(shared, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _run(shared, straight, "--max-steps", "6", "optim.warmup_steps=2", "optim.schedule=constant",
+                "lora.dropout=0.1") == 0
+    assert _run(shared, resumed, "--max-steps", "3", "optim.warmup_steps=2", "optim.schedule=constant",
+                "lora.dropout=0.1", "train.ckpt_every=3") == 0
+    assert (resumed / "checkpoints" / "step-3" / "state.json").is_file()
+    # warm-up then constant: the learning rate of a step does not depend on max_steps
+    assert _run(shared, resumed, "--max-steps", "6", "optim.warmup_steps=2", "optim.schedule=constant",
+                "lora.dropout=0.1", "--resume", "latest") == 0
+    a, b = _losses(straight), _losses(resumed)
+    assert len(b) == 3 + 3
+    assert a[3:] == b[3:], (a, b)
+    sa, sb = load_file(str(straight / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resumed_cosine_schedule_follows_the_new_max_steps(shared, tmp_path):
+    out = tmp_path / "cos"
+    assert _run(shared, out, "--max-steps", "3", "optim.schedule=cosine", "train.ckpt_every=3") == 0
+    assert _run(shared, out, "--max-steps", "6", "optim.schedule=cosine", "--resume", "latest") == 0
+    lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
+    from lora_core.config import OptimConfig
+    from lora_core.optim import lr_factor
+    cfg = OptimConfig(lr=1e-3, schedule="cosine")
+    assert lrs[3:] == pytest.approx([1e-3 * lr_factor(s, cfg, 6) for s in (3, 4, 5)])
+
+
+def test_resume_latest_without_checkpoint_starts_fresh_and_bad_path_fails(shared, tmp_path):
+    assert _run(shared, tmp_path / "fresh", "--max-steps", "2", "--resume", "latest") == 0
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _run(shared, tmp_path / "x", "--resume", str(tmp_path / "nowhere"))
+
+
+def test_config_errors_name_the_key(shared, tmp_path):
+    with pytest.raises(ValueError, match="optim.lrr"):
+        _run(shared, tmp_path / "a", "optim.lrr=1")
+    with pytest.raises(ValueError, match="train.max_steps"):
+        _run(shared, tmp_path / "b", "train.max_steps=many")
+    with pytest.raises(ValueError, match="optim.name"):
+        _run(shared, tmp_path / "c", "optim.name=sgd")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lora:\n  rank: 4\n  alpha: 8\noptim:\n  lr: 1e-4\n")
+    cfg = load_config(cfg_file, ["lora.rank=8"])
+    assert cfg.lora.rank == 8 and cfg.lora.alpha == 8.0 and cfg.optim.lr == pytest.approx(1e-4)
+
+
+def test_adamw8bit_and_grad_accum(shared, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "bnb"
+    assert _run(shared, out, "--max-steps", "3", "optim.name=adamw8bit", "train.grad_accum=2",
+                "--batch-size", "2") == 0
+    assert len(_losses(out)) == 3 and all(map(lambda x: x == x, _losses(out)))
+
+
+def test_nonfinite_loss_stops_or_skips(shared, tmp_path, monkeypatch):
+    spec = get_backbone("wan_ti2v")
+    real = type(spec).training_loss
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        loss = real(self, *a, **k)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(type(spec), "training_loss", flaky)
+    with pytest.raises(FloatingPointError, match="step 2"):
+        _run(shared, tmp_path / "nan", "--max-steps", "4")
+    calls["n"] = 0
+    assert _run(shared, tmp_path / "skip", "--max-steps", "4", "train.skip_nonfinite=true") == 0
+    assert [json.loads(line)["step"] for line in open(tmp_path / "skip" / "metrics.jsonl")] == [1, 3, 4]
+
+
+def test_bad_data_fails_before_any_model_is_built(tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "clip.mp4").write_bytes(os.urandom(2000))
+    (bad / "clip.txt").write_text("a caption")
+    spec = get_backbone("wan_ti2v")
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built before the data was checked")
+
+    monkeypatch.setattr(type(spec), "build", no_build)
+    with pytest.raises(ValueError, match="bad"):
+        train.main(["--preset", "tiny", "--data", str(bad), "--output", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train.main(["--preset", "tiny", "--ckpt-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="needs --ckpt-dir"):
+        train.main(["--preset", "5b", "--output", str(tmp_path / "o")])
+
+
+def test_sigterm_writes_a_checkpoint_then_resume_continues(shared, tmp_path):
+    data, cache = shared
+    out = tmp_path / "sig"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--data", str(data), "--output", str(out),
+           "--max-steps", "100000", f"train.cache_dir={cache}", "train.log_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    last = steps[-1]
+    assert (out / "checkpoints" / f"step-{last}" / "lora.safetensors").is_file()
+    assert _run(shared, out, "--max-steps", str(last + 2), "--resume", "latest") == 0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-2:] == [last + 1, last + 2]
