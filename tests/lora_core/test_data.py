@@ -25,6 +25,7 @@ from lora_core.data import (
     load_dataset,
     make_buckets,
     nearest_bucket,
+    sample_generator,
     scan_dataset,
     select_frames,
     with_trigger,
@@ -127,10 +128,15 @@ def test_webvid_csv(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
 def test_simple_csv(tmp_path: Path, header: str) -> None:
     make_clip(tmp_path / "clips" / "a.mp4")
     make_image(tmp_path / "clips" / "b.jpg")
-    (tmp_path / "metadata.csv").write_text(f"{header}\nclips/a.mp4,a video\nclips/b.jpg,a still\n")
+    (tmp_path / "metadata.csv").write_text(f"{header}\nclips/a.mp4,a video\nclips/b.jpg,a still\n,no file\n")
     samples = scan_dataset(tmp_path)
     assert pairs(samples) == [("a.mp4", "a video"), ("b.jpg", "a still")]
     assert [s.is_image for s in sorted(samples, key=lambda s: s.key)] == [False, True]
+    with pytest.raises(ValueError, match="metadata.csv:4"):  # the row with an empty media cell
+        scan_dataset(tmp_path, strict=True)
+    (tmp_path / "metadata.csv").write_text("title,caption\nx,y\n")
+    with pytest.raises(ValueError, match="no media column"):
+        scan_dataset(tmp_path)
 
 
 def test_csv_with_separate_media_root(tmp_path: Path) -> None:
@@ -236,7 +242,7 @@ def test_short_clip_shorten_vs_skip(tmp_path: Path, caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.INFO):
         ds = load_dataset(cfg_for(tmp_path, num_frames=17, short_clips="skip"), progress=False)
     assert [s.path.name for s in ds.samples] == ["long.mp4"]
-    assert caplog.text.count("five.mp4") == 1 and "skipping" in caplog.text
+    assert caplog.text.count("five.mp4") == 1 and "skipped file" in caplog.text
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -351,6 +357,13 @@ def test_caption_dropout_and_trigger() -> None:
     assert with_trigger("a dog running", "sks") == "sks a dog running"
     assert with_trigger("photo of [trigger] running", "sks") == "photo of sks running"
     assert with_trigger("", "sks") == "sks" and with_trigger("a dog", "") == "a dog"
+
+
+def test_per_sample_torch_generator() -> None:
+    a = torch.randn(4, generator=sample_generator(1, 5, "noise", step=3))
+    assert torch.equal(a, torch.randn(4, generator=sample_generator(1, 5, "noise", step=3)))
+    assert not torch.equal(a, torch.randn(4, generator=sample_generator(1, 6, "noise", step=3)))
+    assert not torch.equal(a, torch.randn(4, generator=sample_generator(1, 5, "timestep", step=3)))
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_epoch() -> None:
