@@ -213,6 +213,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def tensorboard_writer(folder: Path) -> Any:
+    """A SummaryWriter when TensorBoard is installed; metrics.jsonl is written either way."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
+
+
 def save_final(model: torch.nn.Module, cfg: Config, spec: BackboneSpec, path: Path) -> Path:
     return save_lora(model, path, format=cfg.lora.save_format, backbone=spec.name,
                      metadata={"preset": cfg.model.preset, "config": json.dumps(to_dict(cfg))})
@@ -290,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = Batches(dataset.buckets, cfg.train.batch_size * info.dp_size, cfg.train.seed)
     amp = autocast_dtype(cfg, device)
     metrics = open(out / "metrics.jsonl", "a") if info.is_main else None
+    board = tensorboard_writer(out / "tensorboard") if info.is_main else None
     lo = info.dp_rank * cfg.train.batch_size
     mine = list(range(lo, lo + cfg.train.batch_size))
 
@@ -349,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if board is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            board.add_scalar(f"train/{k}", v, record["step"])
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
                 if cfg.train.log_every and (step + 1) % cfg.train.log_every == 0:
                     log.info("step %d loss %.5f grad_norm %.4f lr %.3e %.2f s/step %.2f samples/s peak %.2f GB",
@@ -367,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     if metrics is not None:
         metrics.close()
+    if board is not None:
+        board.close()
     final = cfg.train.max_steps
     if start < final:
         write_checkpoint(final)

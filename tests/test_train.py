@@ -185,3 +185,12 @@ def test_sigterm_writes_a_checkpoint_then_resume_continues(shared, tmp_path):
     assert _run(shared, out, "--max-steps", str(last + 2), "--resume", "latest") == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-2:] == [last + 1, last + 2]
+
+
+def test_validation_samples_are_written_as_mp4(shared, tmp_path):
+    from lora_core.video_io import read_video
+    out = tmp_path / "val"
+    assert _run(shared, out, "--max-steps", "2", "validation.every=2", "validation.prompts=[a red square]",
+                "validation.steps=2", "validation.frames=9", "validation.height=32", "validation.width=64") == 0
+    video = read_video(out / "samples" / "step000002_0.mp4")
+    assert video.shape == (9, 32, 64, 3)
