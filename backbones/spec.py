@@ -77,6 +77,15 @@ class BackboneSpec:
         """Fail fast (FileNotFoundError/ValueError naming the file) if the folder cannot provide `parts`."""
         raise NotImplementedError
 
+    def save_checkpoint(self, comps: Components, out_dir: str | Path, source_dir: str | Path | None = None,
+                        max_shard_bytes: int = 10 * 2**30) -> Path:
+        """Write the components as a checkpoint folder in the official layout (`--ckpt-dir` loads it)."""
+        raise ValueError(f"exporting a checkpoint folder is not implemented for backbone {self.name!r}")
+
+    def default_steps(self, preset: str) -> int:
+        """Sampling steps infer.py uses when --steps is not given."""
+        return 50
+
     def component_specs(self, preset: str) -> dict[str, nn.Module]:
         """Each component built on the meta device (no memory), for `python -m backbones info`."""
         raise NotImplementedError

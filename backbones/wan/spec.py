@@ -89,6 +89,14 @@ class WanTI2VSpec(BackboneSpec):
                 "train.gradient_checkpointing": True, "validation.frames": 121,
                 "validation.height": 704, "validation.width": 1280, "validation.steps": 50}
 
+    def default_steps(self, preset: str) -> int:
+        return 10 if preset == "tiny" else 50  # 5b: upstream's 50
+
+    def save_checkpoint(self, comps: Components, out_dir: str | Path, source_dir: str | Path | None = None,
+                        max_shard_bytes: int = 10 * 2**30) -> Path:
+        from .export import save_checkpoint
+        return save_checkpoint(comps, Path(out_dir), source_dir=source_dir, max_shard_bytes=max_shard_bytes)
+
     # ------------------------------------------------------------------------------ building
     def component_specs(self, preset: str) -> dict[str, nn.Module]:
         self.check_preset(preset)
