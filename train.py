@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = get_backbone(cfg.model.backbone)
     head_count = spec.component_specs(cfg.model.preset)["dit"].config.num_heads  # type: ignore[union-attr]
     info = parallel.init_distributed(cfg.parallel.ulysses, head_count)
+    parallel.check_options(info, mode=cfg.parallel.mode, optimizer=cfg.optim.name,
+                           validation_every=cfg.validation.every)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     device = info.device
@@ -261,21 +263,38 @@ def main(argv: list[str] | None = None) -> int:
     keys = cache_keys(dataset, cache)
     empty = cache.get(EMPTY_CAPTION_KEY)["context"]  # type: ignore[index]
 
-    # 3. the model: DiT + LoRA, then parallelism
-    dit = spec.build(cfg.model.preset, {"dit"}, cfg.model.ckpt_dir, device=device,
-                     dtype=model_dtype(cfg, device)).dit
-    assert dit is not None
+    # 3. the model: DiT + LoRA, then parallelism (sequence parallel -> checkpointing -> FSDP2/DDP)
+    dtype = model_dtype(cfg, device)
     targets = cfg.lora.targets or list(spec.default_targets)
-    adapted = inject_lora(dit, targets, cfg.lora.rank, cfg.lora.alpha, dropout=cfg.lora.dropout,
-                          exclude=cfg.lora.exclude, use_rslora=cfg.lora.use_rslora)
-    if cfg.lora.init_from:
-        load_lora(dit, cfg.lora.init_from)
+
+    def add_lora(dit: torch.nn.Module) -> list[str]:
+        adapted = inject_lora(dit, targets, cfg.lora.rank, cfg.lora.alpha, dropout=cfg.lora.dropout,
+                              exclude=cfg.lora.exclude, use_rslora=cfg.lora.use_rslora)
+        if cfg.lora.init_from:
+            load_lora(dit, cfg.lora.init_from)
+        return adapted
+
+    grad_ckpt = bool(cfg.train.gradient_checkpointing)
+    if parallel.shards_weights(cfg.parallel.mode, info):
+        # FSDP2: shard the model while it is on the meta device, then fill every rank's shards from one
+        # full copy that only rank 0 loads (on the CPU), tensor by tensor
+        dit = spec.component_specs(cfg.model.preset)["dit"].to(dtype)
+        adapted = add_lora(dit)
+        model = parallel.parallelize(dit, spec.blocks(dit), info, mode="fsdp", gradient_checkpointing=grad_ckpt)
+        full = spec.build(cfg.model.preset, {"dit"}, cfg.model.ckpt_dir, dtype=dtype).dit if info.is_main else None
+        if full is not None:
+            add_lora(full)
+        parallel.load_full_state(dit, full, info)
+        del full
+    else:
+        dit = spec.build(cfg.model.preset, {"dit"}, cfg.model.ckpt_dir, device=device, dtype=dtype).dit
+        assert dit is not None
+        adapted = add_lora(dit)
+        model = parallel.parallelize(dit, spec.blocks(dit), info, mode=cfg.parallel.mode,
+                                     gradient_checkpointing=grad_ckpt)
     n_train = sum(p.numel() for p in lora_parameters(dit))
     log.info("LoRA on %d modules, %s trainable parameters (rank %d, alpha %g)", len(adapted), f"{n_train:,}",
              cfg.lora.rank, cfg.lora.alpha)
-    grad_ckpt = bool(cfg.train.gradient_checkpointing)
-    model = parallel.parallelize(dit, spec.blocks(dit), info, mode=cfg.parallel.mode,
-                                 gradient_checkpointing=grad_ckpt)
     optimizer = build_optimizer(lora_parameters(dit), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
@@ -283,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     start = 0
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
-        load_lora(dit, resume_from / "lora.safetensors")
-        optimizer.load_state_dict(ckpt.load_tensors(resume_from / "optimizer.pt"))
+        with parallel.full_lora(dit, writeback=True):  # FSDP2: gathered, loaded, scattered back
+            load_lora(dit, resume_from / "lora.safetensors")
+        parallel.load_optimizer_state_dict(dit, optimizer, ckpt.load_tensors(resume_from / "optimizer.pt"))
         start = state["step"]
         # the schedule is a function of (step, config): rebuilt, so a resumed run may change max_steps
         for group in optimizer.param_groups:
@@ -304,14 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     mine = list(range(lo, lo + cfg.train.batch_size))
 
     def write_checkpoint(step: int) -> None:
-        if info.is_main:
-            path = ckpt.save_checkpoint(
-                out / "checkpoints", step,
-                files={"lora.safetensors": lambda p: save_lora(dit, p, format="native", backbone=spec.name),
-                       "optimizer.pt": optimizer.state_dict(), "rng.pt": ckpt.rng_state()},
-                state={"step": step, "data_position": step * cfg.train.grad_accum, "config": to_dict(cfg)},
-                keep_last=cfg.train.keep_last)
-            log.info("checkpoint written: %s", path)
+        # every rank takes part: under FSDP2 the LoRA and the optimizer state are gathered to rank 0
+        optim_state = parallel.optimizer_state_dict(dit, optimizer)
+        with parallel.full_lora(dit):
+            if info.is_main:
+                path = ckpt.save_checkpoint(
+                    out / "checkpoints", step,
+                    files={"lora.safetensors": lambda p: save_lora(dit, p, format="native", backbone=spec.name),
+                           "optimizer.pt": optim_state, "rng.pt": ckpt.rng_state()},
+                    state={"step": step, "data_position": step * cfg.train.grad_accum, "config": to_dict(cfg)},
+                    keep_last=cfg.train.keep_last)
+                log.info("checkpoint written: %s", path)
         parallel.barrier(info)
 
     model.train()
@@ -342,12 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "set train.skip_nonfinite=true to skip such steps")
                 log.warning("step %d: non-finite loss %s, step skipped", step + 1, loss_val)
                 continue
-            params = list(lora_parameters(dit))
-            if cfg.optim.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                                         if p.grad is not None])))
+            grad_norm = parallel.clip_grad_norm(lora_parameters(dit), cfg.optim.grad_clip)  # FSDP2 shards too
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -372,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
                 write_checkpoint(done)
             if cfg.validation.every and done % cfg.validation.every == 0 and info.is_main:
                 validate(cfg, spec, dit, out, done, device)
-            if stop.signal is not None:
+            if parallel.any_rank(stop.signal is not None, info):  # all ranks stop at the same step
                 write_checkpoint(done)
                 bar.close()
                 log.warning("stopped by signal at step %d; resume with --resume latest", done)
                 parallel.shutdown()
-                return 128 + stop.signal
+                return 128 + (stop.signal or signal.SIGTERM)  # ranks told by another rank
     bar.close()
     if metrics is not None:
         metrics.close()
@@ -386,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     final = cfg.train.max_steps
     if start < final:
         write_checkpoint(final)
-    if info.is_main:
-        path = save_final(dit, cfg, spec, out / "lora.safetensors")
-        log.info("LoRA written to %s (%s format)", path, cfg.lora.save_format)
+    with parallel.full_lora(dit):  # FSDP2: every LoRA tensor gathered in full, rank 0 writes
+        if info.is_main:
+            path = save_final(dit, cfg, spec, out / "lora.safetensors")
+            log.info("LoRA written to %s (%s format)", path, cfg.lora.save_format)
     parallel.shutdown()
     return 0
 
