@@ -136,8 +136,8 @@ class WanLayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with q/k RMSNorm and 3-axis RoPE. The kernel is `self.attn_op` (Ulysses swaps it)."""
+class _Projections(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm over the full width, shared by both attentions."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
@@ -148,10 +148,16 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class WanSelfAttention(_Projections):
+    """Self-attention with q/k RMSNorm and 3-axis RoPE. The kernel is `self.attn_op` (Ulysses swaps it)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__(dim, num_heads, qk_norm, eps)
         # attn_op(q, k, v, *, k_lens) with q/k/v [B, Ll, NH, D]; an instance attribute so a sequence-parallel
         # wrapper can replace it per module without touching forward.
         self.attn_op = attention
-
     def forward(self, x: torch.Tensor, rope: torch.Tensor, k_lens: torch.Tensor | None) -> torch.Tensor:
         """x [B, Ll, C], rope [Ll, R, 2], k_lens [B] or None -> [B, Ll, C]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, Ll, NH, D]
@@ -164,18 +170,8 @@ class WanSelfAttention(nn.Module):
         return self.o(y.flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Projections):
     """Text cross-attention: q from video tokens, k/v from all text_len text tokens, no mask (as upstream)."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, Ll, C], context [B, text_len, C] -> [B, Ll, C]."""
