@@ -50,16 +50,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     k_lens [B] (optional) masks keys at index >= k_lens[b] (padding added for sequence sharding).
     """
+    # xformers takes [B, L, H, D] directly; padded keys (sequence-parallel padding only) go through SDPA's
+    # boolean mask, since xformers wants its dense biases padded to aligned strides.
     use_xf = (_BACKEND in ("auto", "xformers") and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-              and _xformers() is not None)
+              and k_lens is None and _xformers() is not None)
     if use_xf:
-        xops = _xformers()
-        bias = None
-        if k_lens is not None:
-            bias = torch.zeros(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device, dtype=q.dtype)
-            bias.masked_fill_(~key_padding_mask(k_lens, k.shape[1], q.shape[1]).expand(-1, q.shape[2], -1, -1),
-                              float("-inf"))
-        return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+        return _xformers().memory_efficient_attention(q, k, v, scale=scale)
     mask = None if k_lens is None else key_padding_mask(k_lens, k.shape[1], q.shape[1])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale)
