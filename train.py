@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from backbones.attention import set_attention_backend
 from backbones.registry import backbone_names, get_backbone
 from backbones.spec import BackboneSpec, Components
 from lora_core import checkpoint as ckpt
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)
     spec = get_backbone(cfg.model.backbone)
+    set_attention_backend(cfg.model.attention)
     head_count = spec.component_specs(cfg.model.preset)["dit"].config.num_heads  # type: ignore[union-attr]
     info = parallel.init_distributed(cfg.parallel.ulysses, head_count)
     parallel.check_options(info, mode=cfg.parallel.mode, optimizer=cfg.optim.name,
