@@ -220,7 +220,9 @@ def test_forward_is_three_gemms_no_extra_kernels() -> None:
     assert compute.count("mm") == 4, bwd.ops
 
 
-def test_qkv_matches_separate_projections() -> None:
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_qkv_matches_separate_projections(drop: float) -> None:
+    """One fused call == three lora_linear calls (with dropout: the same seed, i.e. the shared mask)."""
     torch.manual_seed(5)
     ps = [_params(seed=i) for i in range(3)]
     ps[1]["lora_A"] = ps[1]["lora_A"][:4].detach().requires_grad_()  # ranks may differ
@@ -228,11 +230,11 @@ def test_qkv_matches_separate_projections() -> None:
     scales = [0.5, 1.0, 2.0]
     x = torch.randn(2, 13, D_IN, requires_grad=True)
     projs = [(q["weight"], q["bias"], q["lora_A"], q["lora_B"], s) for q, s in zip(ps, scales)]
-    ys = fused.lora_linear_qkv(x, projs)
+    ys = fused.lora_linear_qkv(x, projs, drop, dropout_seed=9)
     dys = [torch.randn_like(y) for y in ys]
     leaves = [x] + [t for q in ps for t in q.values() if t is not None and t.requires_grad]
     got = torch.autograd.grad(ys, leaves, dys)
-    ys_ref = [fused.lora_linear(x, *proj) for proj in projs]
+    ys_ref = [fused.lora_linear(x, *proj, drop, dropout_seed=9) for proj in projs]
     want = torch.autograd.grad(ys_ref, leaves, dys)
     for a, b in zip(ys, ys_ref):
         _close(a, b)
@@ -282,3 +284,35 @@ def test_lora_linear_module_uses_fused_path() -> None:
     _close(layer.lora_A.grad, p64["lora_A"].grad)
     _close(layer.lora_B.grad, p64["lora_B"].grad)
     assert layer.weight.grad is None and layer.bias.grad is None
+
+
+
+def _autocast_dropout_check(device: str, dtype: torch.dtype) -> None:
+    p = {k: None if t is None else t.detach().to(device).requires_grad_(t.requires_grad) for k, t in _params().items()}
+    x = torch.randn(2, 64, D_IN, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
+        y = fused.lora_linear(x, p["weight"], p["bias"], p["lora_A"], p["lora_B"], SCALE, 0.1, dropout_seed=3)
+    assert y.dtype == dtype
+    dy = torch.randn_like(y)
+    got = _grads(y, {"x": x, **p}, dy)
+    mask = fused.dropout_mask(3, (128, D_IN), 0.1, device, dtype).view(x.shape)
+    p64, x64 = _leaf64(p), x.detach().double().requires_grad_()
+    y64 = _reference(x64, p64, SCALE, mask, 1 / 0.9)
+    want = _grads(y64, {"x": x64, **p64}, dy.double())
+    for k in ("x", "lora_A", "lora_B", "bias"):
+        assert got[k].dtype == torch.float32, k
+        err = ((got[k].double() - want[k]).norm() / want[k].norm()).item()
+        assert err < 2e-2, (k, err)
+    assert ((y.double() - y64).norm() / y64.norm()).item() < 1e-2
+
+
+def test_cpu_autocast_bf16_dropout() -> None:
+    _autocast_dropout_check("cpu", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_dropout(dtype: torch.dtype) -> None:
+    """The CPU autocast checks on CUDA (cuBLAS path; fp16 and bf16 autocast). Not run on the CPU-only box."""
+    _autocast_dropout_check("cuda", dtype)
