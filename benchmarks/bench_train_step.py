@@ -84,7 +84,7 @@ def run_case(preset: str, frames: int, height: int, width: int, grad_ckpt: bool,
     row = {"preset": preset, "frames": frames, "size": f"{height}x{width}", "tokens": tokens,
            "grad_ckpt": grad_ckpt, "rank": rank, **{k: v for k, v in summarize(times).items()
                                                     if k in ("median_ms", "p25_ms", "p75_ms")},
-           "saved_act_gb": act / 2**30}
+           "saved_act_mb": act / 2**20}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -115,8 +115,8 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     cols = ["preset", "frames", "size", "tokens", "grad_ckpt", "rank", "median_ms", "p25_ms", "p75_ms",
-            "saved_act_gb"] + (["peak_mem_gb"] if device.type == "cuda" else [])
-    notes = ("saved_act_gb: bytes autograd keeps for backward in one step's forward (measured with "
+            "saved_act_mb"] + (["peak_mem_gb"] if device.type == "cuda" else [])
+    notes = ("saved_act_mb: bytes autograd keeps for backward in one step's forward (measured with "
              "saved_tensors_hooks). Random weights of the preset's exact shapes; one sample per step.")
     if device.type != "cuda":
         notes += (" Measured on CPU: the 5b preset at 704x1280 needs a GPU; no GPU numbers are estimated "
