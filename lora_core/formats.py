@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .inject import lora_layers, lora_targetable, set_trainable
+from .inject import _pattern_value, lora_layers, lora_targetable, set_trainable
 from .layers import _CONV_TYPES, LoRAConv, LoRALayer, LoRALinear
 
 FORMAT_VERSION = "1"
@@ -184,24 +184,17 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
 def _file_scale(lf: LoRAFile, file_name: str, rank: int, alpha: float | None) -> float:
     if lf.peft_config is not None:  # PEFT: one lora_alpha plus optional patterns
         cfg = lf.peft_config
-        r = int(_pattern(file_name, cfg.get("rank_pattern") or {}, cfg.get("r", rank)))
-        a = float(_pattern(file_name, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", r)))
+        r = int(_pattern_value(file_name, cfg.get("rank_pattern") or {}, cfg.get("r", rank)))
+        a = float(_pattern_value(file_name, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", r)))
         return a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
     if alpha is not None:
         return alpha / rank
     meta = lf.metadata.get("lora_adapter_metadata")  # diffusers writes its LoraConfig here
     if meta:
         cfg = json.loads(meta)
-        a = float(_pattern(file_name, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", rank)))
+        a = float(_pattern_value(file_name, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", rank)))
         return a / math.sqrt(rank) if cfg.get("use_rslora") else a / rank
     return 1.0  # no alpha anywhere: the ecosystem's convention is alpha == rank
-
-
-def _pattern(name: str, patterns: dict, default: float) -> float:
-    for pattern, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
-            return value
-    return default
 
 
 @dataclass

@@ -297,7 +297,7 @@ class WanTI2VSpec(BackboneSpec):
             if guidance != 1.0:
                 neg = DEFAULT_NEGATIVE_PROMPT if not negative_prompt else negative_prompt
                 uncond = self.pad_context(self.encode_text(comps, [neg] * b), device)
-        z = VAE_PRESETS_Z(vae)
+        z = vae.cfg.z_dim
         shape = (b, z, (frames - 1) // 4 + 1, height // 16, width // 16)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
         condition, mask = None, None
@@ -321,10 +321,6 @@ class WanTI2VSpec(BackboneSpec):
             latents = solver.sample(model_fn, noise, steps, condition=condition, progress=progress)
         with _on(vae, device, offload):
             return vae.decode(latents.to(next(vae.parameters()).dtype)).float()
-
-
-def VAE_PRESETS_Z(vae: nn.Module) -> int:  # noqa: N802
-    return vae.cfg.z_dim  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
