@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> Path | int:
     video = generate(req, progress=True)
     if video is None:
         return 0
-    from lora_core.video_io import write_video
+    from lora_core.data.video_io import write_video
     assert req.output is not None
     path = write_video(video, req.output, fps=get_backbone(req.backbone).media_rules(req.preset).fps)
     log.info("wrote %s (%d frames, %dx%d)", path, video.shape[1], req.width, req.height)

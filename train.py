@@ -26,15 +26,15 @@ from tqdm.auto import tqdm
 from backbones.attention import set_attention_backend
 from backbones.registry import backbone_names, get_backbone
 from backbones.spec import BackboneSpec, Components
-from lora_core import checkpoint as ckpt
-from lora_core import parallel
+from lora_core.runtime import checkpoint as ckpt
+from lora_core import distributed as parallel
 from lora_core.cache import LatentCache, build_cache, cache_keys
-from lora_core.config import Config, load_config, save_config, to_dict
+from lora_core.runtime.config import Config, load_config, save_config, to_dict
 from lora_core.data import VideoDataset, apply_caption_dropout, caption_dropped, epoch_batches, load_dataset
 from lora_core.formats import load_lora, save_lora
 from lora_core.inject import inject_lora, lora_parameters
-from lora_core.optim import build_optimizer, build_scheduler
-from lora_core.sample_data import make_sample_dataset
+from lora_core.runtime.optim import build_optimizer, build_scheduler
+from lora_core.data.sample_data import make_sample_dataset
 
 log = logging.getLogger("train")
 EMPTY_CAPTION_KEY = "__empty_caption__"
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 def validate(cfg: Config, spec: BackboneSpec, dit: torch.nn.Module, out: Path, step: int,
              device: torch.device) -> None:
     """Sample the validation prompts with the current LoRA and write mp4s under OUTPUT/samples/."""
-    from lora_core.video_io import write_video
+    from lora_core.data.video_io import write_video
     v = cfg.validation
     comps = spec.build(cfg.model.preset, {"vae", "text_encoder"}, cfg.model.ckpt_dir, device=device,
                        dtype=model_dtype(cfg, device))

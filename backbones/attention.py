@@ -1,7 +1,7 @@
 """The one attention seam every backbone calls.
 
 Shapes: B batch, Lq/Lk query/key tokens, H heads, D head dim.
-Sequence parallelism (Ulysses) wraps this function per module (see `lora_core.parallel`);
+Sequence parallelism (Ulysses) wraps this function per module (see `lora_core.distributed`);
 the backend choice (SDPA everywhere, xformers on CUDA when installed) lives here only.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ and the data-parallel size, on whatever this machine has (CPU + gloo here; CUDA 
     python benchmarks/bench_parallel.py --device cuda --dim 3072 --heads 24 --layers 4 --tokens 27280
 
 Each case spawns its processes (torch.multiprocessing, env init), builds one DiT bigger than the tiny
-preset with LoRA on the default targets, applies `lora_core.parallel.parallelize` exactly as train.py does
+preset with LoRA on the default targets, applies `lora_core.distributed.parallelize` exactly as train.py does
 and times forward + backward of a fixed per-data-parallel-rank batch of one sample.
 
 Columns, per rank (the max over ranks):
@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, case: dict[str, Any], args: dict[s
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(args["threads"])
     from backbones.wan.dit import WanDiT, WanDiTConfig
-    from lora_core import parallel
+    from lora_core import distributed as parallel
     from lora_core.inject import inject_lora
     cfg = WanDiTConfig(dim=args["dim"], ffn_dim=4 * args["dim"], num_heads=args["heads"], num_layers=args["layers"],
                        in_dim=16, out_dim=16, text_dim=64)

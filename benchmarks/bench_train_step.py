@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones.registry import get_backbone  # noqa: E402
 from benchmarks.common import summarize, sync, write_results  # noqa: E402
-from lora_core.config import TrainConfig  # noqa: E402
+from lora_core.runtime.config import TrainConfig  # noqa: E402
 from lora_core.inject import inject_lora, lora_parameters  # noqa: E402
-from lora_core.parallel import apply_activation_checkpointing  # noqa: E402
+from lora_core.distributed import apply_activation_checkpointing  # noqa: E402
 
 
 def saved_bytes(fn) -> int:

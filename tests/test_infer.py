@@ -191,7 +191,7 @@ def test_mp4_gif_and_frames(tmp_path: Path) -> None:
     assert len(reader) == 9 and reader[0].shape == (64, 96, 3)
     assert abs(reader.get_avg_fps() - 24) < 1e-3
 
-    from lora_core.video_io import read_video
+    from lora_core.data.video_io import read_video
     gif = infer.main([*FAST, "--frames", "5", "--steps", "1", "--output", str(tmp_path / "out.gif")])
     assert read_video(gif).shape == (5, 64, 64, 3)
     folder = infer.main([*FAST, "--frames", "5", "--steps", "1", "--output", str(tmp_path / "frames") + "/"])

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import train
 from backbones.registry import get_backbone
 from lora_core import load_lora, read_lora
-from lora_core.config import TrainConfig, load_config
-from lora_core.sample_data import make_sample_dataset
+from lora_core.runtime.config import TrainConfig, load_config
+from lora_core.data.sample_data import make_sample_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,8 +96,8 @@ def test_resumed_cosine_schedule_follows_the_new_max_steps(shared, tmp_path):
     assert _run(shared, out, "--max-steps", "3", "optim.schedule=cosine", "train.ckpt_every=3") == 0
     assert _run(shared, out, "--max-steps", "6", "optim.schedule=cosine", "--resume", "latest") == 0
     lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
-    from lora_core.config import OptimConfig
-    from lora_core.optim import lr_factor
+    from lora_core.runtime.config import OptimConfig
+    from lora_core.runtime.optim import lr_factor
     cfg = OptimConfig(lr=1e-3, schedule="cosine")
     assert lrs[3:] == pytest.approx([1e-3 * lr_factor(s, cfg, 6) for s in (3, 4, 5)])
 
@@ -188,7 +188,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_continues(shared, tmp_path):
 
 
 def test_validation_samples_are_written_as_mp4(shared, tmp_path):
-    from lora_core.video_io import read_video
+    from lora_core.data.video_io import read_video
     out = tmp_path / "val"
     assert _run(shared, out, "--max-steps", "2", "validation.every=2", "validation.prompts=[a red square]",
                 "validation.steps=2", "validation.frames=9", "validation.height=32", "validation.width=64") == 0

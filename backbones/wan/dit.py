@@ -70,7 +70,7 @@ DIT_PRESETS: dict[str, WanDiTConfig] = {
 
 
 class SequenceParallel(Protocol):
-    """What `WanDiT.sp` must provide; the distributed side lives in `lora_core.parallel`."""
+    """What `WanDiT.sp` must provide; the distributed side lives in `lora_core.distributed`."""
     size: int
     rank: int
 

@@ -28,7 +28,7 @@ from lora_core.inject import lora_layers
 from ..spec import Components
 from .dit import WanDiTConfig
 from .spec import T5_FILE, TOKENIZER_DIR, VAE_FILE
-from .tokenizer import save_tokenizer
+from ..encoders.t5_tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ import torch.nn as nn
 
 from lora_core.formats import KeyMap
 
-from .. import flow
+from ..objectives import flow
 from ..loading import (load_pth, load_safetensors_into, load_state_dict_into, safetensors_shapes,
                        sharded_safetensors, validate, expected_shapes)
 from ..spec import BackboneSpec, Components, MediaRules
 from .dit import DIT_PRESETS, WanDiT
 from .keymap import dit_from_diffusers, dit_to_diffusers
-from .t5 import T5_PRESETS, UMT5Encoder, encode_prompts, t5_from_hf
-from .tokenizer import WanTokenizer, build_tiny_tokenizer
+from ..encoders.t5 import T5_PRESETS, UMT5Encoder, encode_prompts, t5_from_hf
+from ..encoders.t5_tokenizer import WanTokenizer, build_tiny_tokenizer
 from .vae import VAE_PRESETS, WanVAE
 from .vae_keymap import vae_from_diffusers
 

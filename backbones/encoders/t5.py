@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from backbones.wan.tokenizer import WanTokenizer
+    from backbones.encoders.t5_tokenizer import WanTokenizer
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F_nn
 from torch.utils.data import Dataset, Sampler
 
-from lora_core.video_io import _short, decode_frames, open_reader
+from lora_core.data.video_io import _short, decode_frames, open_reader
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""backbones.flow: objective conventions, TI2V conditioning, Euler/UniPC samplers.
+"""backbones.objectives.flow: objective conventions, TI2V conditioning, Euler/UniPC samplers.
 
 UniPC parity oracle: diffusers `UniPCMultistepScheduler` in flow mode, driven with Wan's schedule.
 """
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backbones.flow import (
+from backbones.objectives.flow import (
     TRAIN_SIGMA_MAX,
     TRAIN_SIGMA_MIN,
     FlowEulerSampler,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_core.video_io import read_video, to_uint8_frames, write_video
+from lora_core.data.video_io import read_video, to_uint8_frames, write_video
 
 
 def _gradient_video(f: int, h: int, w: int) -> np.ndarray:

@@ -22,9 +22,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import train
-from lora_core import parallel
+from lora_core import distributed as parallel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 STEPS = 4
 REL_TOL = 1e-4
 
@@ -38,7 +38,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """The sample dataset and its latent cache, built once for every run below."""
-    from lora_core.sample_data import make_sample_dataset
+    from lora_core.data.sample_data import make_sample_dataset
     root = tmp_path_factory.mktemp("dist")
     data = make_sample_dataset(root / "data")
     cache = root / "cache"

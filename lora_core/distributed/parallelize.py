@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .inject import lora_layers
+from ..inject import lora_layers
 
 
 @dataclass

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-import lora_core.cache as cache_mod
+import lora_core.cache.latent_cache as cache_mod
 from lora_core.cache import CachedDataset, LatentCache, build_cache, missing_indices
 from lora_core.data import DataConfig, Sample, collate, load_dataset, scan_dataset
-from lora_core.sample_data import make_sample_dataset
-from lora_core.video_io import read_video
+from lora_core.data.sample_data import make_sample_dataset
+from lora_core.data.video_io import read_video
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from backbones.registry import get_backbone
 from backbones.wan.keymap import dit_to_diffusers
 from backbones.wan.spec import T5_FILE, TOKENIZER_DIR, VAE_FILE
-from backbones.wan.t5 import convert_t5_state_dict
-from backbones.wan.tokenizer import build_tiny_tokenizer, save_tokenizer
+from backbones.encoders.t5 import convert_t5_state_dict
+from backbones.encoders.t5_tokenizer import build_tiny_tokenizer, save_tokenizer
 from backbones.wan.vae_keymap import convert_vae_state_dict
 
 HERE = Path(__file__).parent
@@ -144,7 +144,7 @@ def test_errors_name_the_file_before_any_compute(official, tmp_path):
 def test_info_cli_lists_exact_keys_without_weights():
     out = subprocess.run([sys.executable, "-m", "backbones", "info", "wan_ti2v", "--preset", "5b", "--json",
                           "--targets"], capture_output=True, text=True, check=True,
-                         cwd=HERE.parents[1])
+                         cwd=HERE.parents[2])
     info = json.loads(out.stdout)
     comps = info["components"]
     assert comps["dit"]["num_params"] == 4_999_787_712

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backbones.wan.t5 import (T5_PRESETS, UMT5Encoder, convert_t5_state_dict, encode_prompts,
+from backbones.encoders.t5 import (T5_PRESETS, UMT5Encoder, convert_t5_state_dict, encode_prompts,
                               relative_position_bucket, t5_from_hf, t5_to_hf)
-from backbones.wan.tokenizer import (WanTokenizer, build_tiny_tokenizer, clean_text, save_tiny_tokenizer,
+from backbones.encoders.t5_tokenizer import (WanTokenizer, build_tiny_tokenizer, clean_text, save_tiny_tokenizer,
                                      save_tokenizer)
 
-KEYS_FILE = Path("/work/shared/reference/wan_t5_keys.txt")
+KEYS_FILE = Path(__file__).parents[1] / "wan" / "wan_t5_keys.txt"
 PARAMS_5B = 5_680_910_336
 
 

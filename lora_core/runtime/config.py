@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .data import DataConfig
+from ..data import DataConfig
 
 
 @dataclass

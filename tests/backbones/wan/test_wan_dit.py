@@ -18,7 +18,7 @@ from backbones.attention import attention
 from backbones.wan.dit import DIT_PRESETS, WanDiT, WanDiTConfig
 from backbones.wan.keymap import convert_state_dict, dit_from_diffusers, dit_to_diffusers
 
-KEYS_FILE = Path("/work/shared/reference/wan_dit_keys.txt")
+KEYS_FILE = Path(__file__).with_name("wan_dit_keys.txt")
 TINY = DIT_PRESETS["tiny"]
 PARAMS_5B = 4_999_787_712
 

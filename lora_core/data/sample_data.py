@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_core.video_io import write_video
+from lora_core.data.video_io import write_video
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Training objectives and their samplers: flow matching (Wan); DDPM and EDM next."""

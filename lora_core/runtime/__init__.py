@@ -1,0 +1,1 @@
+"""The training runtime: typed config, optimizers and schedules, checkpoints."""
