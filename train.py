@@ -1,15 +1,18 @@
-"""Train a LoRA on a video diffusion backbone.
+"""Train a LoRA (or fully fine-tune components) of a diffusion backbone.
 
-    python train.py --backbone wan_ti2v --preset tiny                 # embedded default, CPU, ~1 minute
-    python train.py --preset 5b --ckpt-dir Wan2.2-TI2V-5B --data my_clips/ --output runs/mine
-    torchrun --nproc_per_node=4 train.py --preset 5b ... --parallel fsdp --ulysses 2
-    python train.py ... --resume latest                             # continue a killed run exactly
+    python train.py --backbone wan_ti2v --preset tiny                  # embedded default, CPU, ~1 minute
+    python train.py --backbone wan_ti2v --preset 5b --ckpt-dir Wan2.2-TI2V-5B --data my_clips/ --output runs/mine
+    torchrun --nproc_per_node=4 train.py ... --parallel fsdp --ulysses 2
+    python train.py ... --resume latest                              # continue a killed run exactly
+    python train.py --backbone wan_ti2v --preset tiny --print-config # every config key with its value
 
-Any config field can be overridden as key=value (e.g. optim.lr=5e-5 lora.rank=16); see configs/.
+Any config field can be overridden as section.key=value (e.g. optim.lr=5e-5 lora.rank=16); see configs/ and
+--print-config. Sections: model, lora, components, data, optim, train, parallel, validation, objective.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -21,30 +24,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
+import yaml
 from tqdm.auto import tqdm
 
 from backbones.attention import set_attention_backend
 from backbones.registry import backbone_names, get_backbone
-from backbones.spec import BackboneSpec, Components
-from lora_core.runtime import checkpoint as ckpt
+from backbones.spec import BackboneSpec, Components, SampleRequest, Sources, objective_from_dict
 from lora_core import distributed as parallel
-from lora_core.cache import LatentCache, build_cache, cache_keys
-from lora_core.runtime.config import Config, load_config, save_config, to_dict
-from lora_core.data import VideoDataset, apply_caption_dropout, caption_dropped, epoch_batches, load_dataset
-from lora_core.formats import load_lora, save_lora
-from lora_core.inject import inject_lora, lora_parameters
-from lora_core.runtime.optim import build_optimizer, build_scheduler
+from lora_core import fused
+from lora_core.cache import FeatureCache, build_media_cache, build_text_cache, media_keys, path_identity
+from lora_core.data import GlobalBatches, VideoDataset, load_dataset, resolve_data_config
 from lora_core.data.sample_data import make_sample_dataset
+from lora_core.formats import load_lora, save_lora
+from lora_core.runtime import checkpoint as ckpt
+from lora_core.runtime.batch import BatchReader, DropRule, FieldSource, dropout_seed
+from lora_core.runtime.config import Config, load_config, save_config, to_dict
+from lora_core.runtime.optim import build_optimizer, build_scheduler
+from lora_core.runtime.trainable import (TrainPlan, apply_plan, load_trainable_state, param_groups, plan_training,
+                                         trainable_parameters, trainable_state)
 
 log = logging.getLogger("train")
-EMPTY_CAPTION_KEY = "__empty_caption__"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 
 
 # ---------------------------------------------------------------------------------------- config
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", choices=backbone_names())
-    ap.add_argument("--preset", help="model size, e.g. tiny or 5b")
+    ap.add_argument("--backbone", choices=backbone_names(), help="model family (default: the registry's default)")
+    ap.add_argument("--preset", help="model size, e.g. tiny")
     ap.add_argument("--ckpt-dir", help="official checkpoint folder (random weights when omitted; tiny only)")
     ap.add_argument("--data", help="dataset folder or metadata file (default: a small sample set made on the fly)")
     ap.add_argument("--output", help="run folder")
@@ -56,9 +66,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--resume", nargs="?", const="latest", help="'latest' or a checkpoints/step-N folder")
     ap.add_argument("--config", help="YAML file with config values")
     ap.add_argument("--cache-only", action="store_true", help="build the latent cache and exit")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
-    args = ap.parse_intermixed_args(argv)  # key=value overrides may sit between flags
-    return args, args.overrides
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config (every key) and exit")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    return ap.parse_intermixed_args(argv)  # key=value overrides may sit between flags
 
 
 _FLAG_KEYS = {"backbone": "model.backbone", "preset": "model.preset", "ckpt_dir": "model.ckpt_dir",
@@ -67,23 +77,49 @@ _FLAG_KEYS = {"backbone": "model.backbone", "preset": "model.preset", "ckpt_dir"
               "ulysses": "parallel.ulysses"}
 
 
-def resolve_config(args: argparse.Namespace, overrides: list[str]) -> Config:
-    """defaults < the backbone preset's implied values < --config YAML < flags < key=value overrides."""
+def resolve_config(args: argparse.Namespace) -> tuple[Config, BackboneSpec]:
+    """defaults < the backbone preset's implied values < --config YAML < flags < key=value overrides; then the
+    backbone's objective section and media rules are applied, every value checked."""
     flags = [f"{key}={json.dumps(getattr(args, attr))}" for attr, key in _FLAG_KEYS.items()
              if getattr(args, attr) is not None]
-    first = load_config(args.config, flags + overrides)  # only to learn the backbone and preset
+    first = load_config(args.config, flags + args.overrides)  # only to learn the backbone and preset
     spec = get_backbone(first.model.backbone)
-    implied: dict[str, Any] = {}
-    for key, value in spec.preset_overrides(first.model.preset).items():
+    preset = first.model.preset
+    spec.check_preset(preset)
+    implied: dict[str, Any] = {"model": {"backbone": spec.name}}
+    for key, value in spec.preset_overrides(preset).items():
         section, field_name = key.split(".", 1)
         implied.setdefault(section, {})[field_name] = value
-    if "train" not in implied or "output" not in implied.get("train", {}):
-        implied.setdefault("train", {})["output"] = f"runs/{spec.name}_{first.model.preset}"
-    return load_config(args.config, flags + overrides, base=implied)
+    cfg = load_config(args.config, flags + args.overrides, base=implied)
+    if not cfg.train.output:
+        cfg.train.output = f"runs/{spec.name}_{preset}"
+    cfg.objective = objective_from_dict(spec.objective_config(preset), cfg.objective)
+    cfg.data = resolve_data_config(cfg.data, spec.media_rules(preset))
+    if cfg.train.gradient_checkpointing is None:
+        cfg.train.gradient_checkpointing = False
+    return cfg, spec
+
+
+def sources_of(cfg: Config) -> Sources:
+    return Sources(ckpt_dir=Path(cfg.model.ckpt_dir) if cfg.model.ckpt_dir else None,
+                   extra={k: Path(v) for k, v in cfg.model.sources.items()})
+
+
+def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    mp = cfg.train.mixed_precision
+    if mp == "fp32" or (mp == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if mp == "fp16" else torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------ data
-def prepare_dataset(cfg: Config, info: parallel.DistInfo) -> VideoDataset:
+def prepare_dataset(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> VideoDataset:
     """Scan and probe the media (fails with a clear error before any model is loaded)."""
     if not cfg.data.path:
         folder = Path(cfg.train.output) / "sample_data"
@@ -92,95 +128,167 @@ def prepare_dataset(cfg: Config, info: parallel.DistInfo) -> VideoDataset:
             log.info("no --data given: training on the embedded sample dataset in %s", folder)
         parallel.barrier(info)
         cfg.data.path = str(folder)
-    return load_dataset(cfg.data, seed=cfg.train.seed, progress=info.is_main)
+    return load_dataset(cfg.data, seed=cfg.train.seed, progress=info.is_main, rules=spec.media_rules(cfg.model.preset))
 
 
-def encoder_id(cfg: Config) -> str:
-    src = str(Path(cfg.model.ckpt_dir).resolve()) if cfg.model.ckpt_dir else "random-seeded"
-    return f"{cfg.model.backbone}:{cfg.model.preset}:{src}"
-
-
-def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: parallel.DistInfo,
-                  device: torch.device) -> LatentCache:
-    """Encode every sample once (VAE latents + text encodings); later runs reuse the files. The encoders
-    are loaded only if something is missing, and freed before the DiT is built."""
-    cache = LatentCache(cfg.train.cache_dir or Path(cfg.train.output) / "cache", encoder_id(cfg))
-    if info.is_main:
-        comps: dict[str, Components] = {}
-
-        def encoders() -> Components:
-            if "c" not in comps:
-                log.info("loading the VAE and text encoder to fill the latent cache")
-                comps["c"] = spec.build(cfg.model.preset, {"vae", "text_encoder"}, cfg.model.ckpt_dir,
-                                        device=device, dtype=model_dtype(cfg, device))
-            return comps["c"]
-
-        def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            c = encoders()
-            latents = spec.encode_video(c, batch["video"]).cpu()
-            context = spec.encode_text(c, batch["caption"])
-            assert len(context) == 1, "the cache encodes one sample at a time"
-            return {"latents": latents, "context": context[0][None].cpu()}
-
-        build_cache(dataset, encode, cache, batch_size=1)
-        if not cache.has(EMPTY_CAPTION_KEY):  # caption dropout trains on the empty prompt's encoding
-            cache.put(EMPTY_CAPTION_KEY, {"context": spec.encode_text(encoders(), [""])[0].cpu()})
-        comps.clear()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    parallel.barrier(info)
-    return cache
-
-
-def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    mp = cfg.train.mixed_precision
-    if mp == "fp32" or (mp == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
+def encoder_ids(cfg: Config, spec: BackboneSpec, device: torch.device) -> dict[str, str]:
+    """What decides the cached tensors of each kind: backbone, preset, encoder weights (files, sizes, mtimes)
+    and the dtype the encoders run in."""
+    src = sources_of(cfg)
+    paths = [p for p in [src.ckpt_dir, *src.extra.values()] if p is not None]
+    weights = path_identity(paths) if paths else "random-seeded"
+    dtype = str(model_dtype(cfg, device)).removeprefix("torch.")
+    return {kind: f"{spec.name}:{cfg.model.preset}:{kind}:{','.join(sorted(spec.encoder_parts(cfg.model.preset, kind)))}"
+                  f":{weights}:{dtype}" for kind in ("media", "text")}
 
 
 @dataclass
-class Batches:
-    """The global batch of micro-step m is a pure function of (seed, m); each data-parallel rank takes
-    its slice, so the samples, their noise and their crops do not depend on the number of processes."""
-
-    buckets: list[Any]
-    global_size: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        self.per_epoch = len(epoch_batches(self.buckets, self.global_size, self.seed, 0))
-
-    def global_batch(self, micro: int) -> list[int]:
-        epoch, pos = divmod(micro, self.per_epoch)
-        batch = epoch_batches(self.buckets, self.global_size, self.seed, epoch)[pos]
-        return [batch[i % len(batch)] for i in range(self.global_size)]  # a short last batch wraps around
+class Cached:
+    cache: FeatureCache
+    media: dict[int, str]       # dataset index -> media entry key
+    text: dict[int, str]        # dataset index -> text entry key
+    empty_text: str | None      # key of the empty text's entry (condition dropout)
+    usable: list[int]           # indices with every entry present
 
 
-def sample_seed(seed: int, micro: int, position: int) -> int:
-    """Seed of the random draws (σ, noise, conditioning) of one sample of one micro-step."""
-    return (seed * 1_000_003 + micro) * 65_537 + position
+def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: parallel.DistInfo,
+                  device: torch.device) -> Cached:
+    """Encode every sample once, media and text apart; later runs reuse the entries. Ranks share the work; the
+    encoders are loaded only if something is missing and freed before the trained model is built."""
+    preset = cfg.model.preset
+    cache = FeatureCache(cfg.train.cache_dir or Path(cfg.train.output) / "cache")
+    kinds = {f.keyed_by for f in spec.cache_fields(preset)}
+    ids = encoder_ids(cfg, spec, device)
+    built: dict[str, Components] = {}
+
+    def encoders(kind: str) -> Components:
+        if kind not in built:
+            parts = spec.encoder_parts(preset, kind)
+            log.info("loading %s to fill the %s cache", ", ".join(sorted(parts)), kind)
+            built[kind] = spec.build(preset, parts, sources_of(cfg), device=device, dtype=model_dtype(cfg, device))
+        return built[kind]
+
+    media: dict[int, str] = {}
+    if "media" in kinds:
+        build_media_cache(dataset, cache, ids["media"], lambda item: spec.encode_media(encoders("media"), item),
+                          rank=info.rank, world=info.world_size, progress=info.is_main)
+        media = media_keys(dataset, cache, ids["media"])
+    text: dict[int, str] = {}
+    empty = None
+    if "text" in kinds:
+        captions = {i: dataset.caption(i) for i in range(len(dataset))}
+        texts = sorted(set(captions.values()) | {""})
+        build_text_cache(texts, cache, ids["text"], lambda batch: spec.encode_text(encoders("text"), batch),
+                         rank=info.rank, world=info.world_size, progress=info.is_main)
+        text = {i: cache.text_key(c, ids["text"]) for i, c in captions.items()}
+        empty = cache.text_key("", ids["text"])
+    built.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    parallel.barrier(info)
+    # a sample that failed to encode (on any rank) has no entry: it is left out, and said so once
+    usable = [i for i in range(len(dataset)) if (i not in media or cache.has(media[i]))
+              and (i not in text or cache.has(text[i]))]
+    left = len(dataset) - len(usable)
+    if left:
+        log.warning("%d sample(s) could not be encoded and are left out (see the warnings above)", left)
+    if not usable:
+        raise ValueError(f"no sample of {cfg.data.path} could be encoded; fix or replace the files")
+    return Cached(cache, media, text, empty, usable)
 
 
-def load_micro_batch(cache: LatentCache, keys: dict[int, str], empty: torch.Tensor, indices: list[int],
-                     positions: list[int], micro: int, cfg: Config, device: torch.device,
-                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    latents, context, seeds = [], [], []
-    for idx, pos in zip(indices, positions):
-        entry = cache.get(keys[idx])
-        if entry is None:
-            raise ValueError(f"latent cache entry {keys[idx]} vanished from {cache.dir}; rerun to rebuild it")
-        latents.append(entry["latents"])
-        dropped = caption_dropped(cfg.train.seed, micro, idx, cfg.data.caption_dropout)
-        context.append(empty if dropped else entry["context"])
-        seeds.append(sample_seed(cfg.train.seed, micro, pos))
-    return torch.stack(latents).to(device), [c.to(device) for c in context], seeds
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class Trainer:
+    models: dict[str, nn.Module]      # the in-training components (parameters live here)
+    wrapped: dict[str, nn.Module]     # what the objective calls (DDP wrappers, or the modules themselves)
+    plans: dict[str, TrainPlan]
+    container: nn.ModuleDict          # all models under one root, for name-keyed optimizer state
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Trainer:
+    """The in-training components with their LoRA (or full) training applied, then parallelized: sequence
+    parallel -> activation checkpointing -> FSDP2/DDP; then the optimizer with one group per component."""
+    device, preset = info.device, cfg.model.preset
+    dtype = model_dtype(cfg, device)
+    plans = plan_training(cfg, spec.components(preset))
+    names = list(plans)
+    models: dict[str, nn.Module] = {}
+    wrapped: dict[str, nn.Module] = {}
+    sharded = parallel.shards_weights(cfg.parallel.mode, info)
+    if sharded:
+        # FSDP2: shard while on the meta device, then fill every rank's shards from one full copy that only
+        # rank 0 loads (on the CPU), tensor by tensor
+        metas = spec.component_specs(preset)
+        full = spec.build(preset, set(names), sources_of(cfg), dtype=dtype) if info.is_main else None
+        for name in names:
+            module = metas[name].to(dtype)
+            apply_plan(module, plans[name])
+            wrapped[name] = parallel.parallelize(module, spec.units(name, module), info, mode="fsdp",
+                                                 gradient_checkpointing=bool(cfg.train.gradient_checkpointing))
+            src = None
+            if full is not None:
+                src = full[name]
+                apply_plan(src, plans[name])
+            parallel.load_full_state(module, src, info)
+            models[name] = module
+        del full
+    else:
+        comps = spec.build(preset, set(names), sources_of(cfg), device=device, dtype=dtype)
+        for name in names:
+            module = comps[name]
+            apply_plan(module, plans[name])
+            models[name] = module
+        for name in names:
+            wrapped[name] = parallel.parallelize(models[name], spec.units(name, models[name]), info,
+                                                 mode=cfg.parallel.mode,
+                                                 gradient_checkpointing=bool(cfg.train.gradient_checkpointing))
+    if cfg.lora.init_from:
+        with parallel.full_lora(models[names[0]], writeback=True):
+            load_lora(models[names[0]], cfg.lora.init_from)
+    for name, m in models.items():
+        n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        p = plans[name]
+        how = f"LoRA rank {p.rank}, alpha {p.alpha:g}" if p.mode == "lora" else p.mode
+        log.info("%s: %s, %s trainable parameters", name, how, f"{n:,}")
+    container = nn.ModuleDict(models)
+    optimizer = build_optimizer(param_groups(models, plans, cfg.optim.lr), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    return Trainer(models, wrapped, plans, container, optimizer, scheduler)
+
+
+def gathered(trainer: Trainer, writeback: bool = False) -> contextlib.ExitStack:
+    """Every trained tensor full and plain inside the block (FSDP2: a collective, every rank enters)."""
+    stack = contextlib.ExitStack()
+    gather = getattr(parallel, "full_trainable", None) or parallel.full_lora
+    for m in trainer.models.values():
+        stack.enter_context(gather(m, writeback=writeback))
+    return stack
+
+
+def save_artifacts(cfg: Config, spec: BackboneSpec, trainer: Trainer, out: Path) -> list[Path]:
+    """The run's result: the LoRA file (all LoRA components in one file, `lora.save_format`) and, for fully
+    trained components, the backbone's artifact of each."""
+    written = []
+    lora = {n: m for n, m in trainer.models.items() if trainer.plans[n].mode == "lora"}
+    components = spec.components(cfg.model.preset)
+    if lora:
+        meta = {"preset": cfg.model.preset, "config": json.dumps(to_dict(cfg), default=str),
+                **spec.lora_file_metadata}
+        naming = {n: components[n].naming for n in lora}
+        if len(lora) == 1:
+            (name, module), = lora.items()
+            written.append(save_lora(module, out / "lora.safetensors", format=cfg.lora.save_format,
+                                     backbone=spec.name, naming=naming[name], metadata=meta))
+        else:
+            written.append(save_lora(lora, out / "lora.safetensors", format=cfg.lora.save_format,
+                                     backbone=spec.name, naming=naming, metadata=meta))
+    for name, m in trainer.models.items():
+        if trainer.plans[name].mode == "full":
+            written += spec.save_full(name, m, out)
+    return written
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -214,231 +322,290 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def tensorboard_writer(folder: Path) -> Any:
-    """A SummaryWriter when TensorBoard is installed; metrics.jsonl is written either way."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder))
+class Metrics:
+    """metrics.jsonl (one row per step; a resumed run first cuts the rows after its checkpoint) and, when
+    installed, TensorBoard."""
+
+    def __init__(self, out: Path, start: int, enabled: bool) -> None:
+        self.file = self.board = None
+        if not enabled:
+            return
+        path = out / "metrics.jsonl"
+        rows = []
+        if start > 0 and path.is_file():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+        path.write_text("".join(r + "\n" for r in rows))
+        self.file = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ModuleNotFoundError:
+            log.info("TensorBoard is not installed (pip install tensorboard); metrics go to %s only", path)
+        except Exception as e:  # noqa: BLE001 (a broken install: say what broke, keep training)
+            log.warning("TensorBoard is installed but failed to import (%s: %s); metrics go to %s only",
+                        type(e).__name__, e, path)
+        else:
+            self.board = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.board.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        for f in (self.file, self.board):
+            if f is not None:
+                f.close()
 
 
-def save_final(model: torch.nn.Module, cfg: Config, spec: BackboneSpec, path: Path) -> Path:
-    return save_lora(model, path, format=cfg.lora.save_format, backbone=spec.name,
-                     metadata={"preset": cfg.model.preset, "config": json.dumps(to_dict(cfg))})
+class Validator:
+    """Samples with the current weights; the encoders and decoders are built once and kept."""
+
+    def __init__(self, cfg: Config, spec: BackboneSpec, trainer: Trainer, device: torch.device) -> None:
+        self.cfg, self.spec, self.trainer, self.device = cfg, spec, trainer, device
+        self.comps: Components | None = None
+        v = cfg.validation
+        unknown = sorted(set(v.images) - set(spec.image_inputs(cfg.model.preset)))
+        if unknown:
+            raise ValueError(f"validation.images.{unknown[0]}: backbone {spec.name!r} takes the images "
+                             f"{', '.join(spec.image_inputs(cfg.model.preset)) or '(none)'}")
+        from lora_core.data import load_image
+        self.images = {k: load_image(p, v.height, v.width) for k, p in v.images.items()}
+
+    def __call__(self, out: Path, step: int) -> None:
+        from lora_core.data.video_io import write_video
+        cfg, spec, v = self.cfg, self.spec, self.cfg.validation
+        preset = cfg.model.preset
+        if self.comps is None:
+            parts = set(spec.components(preset)) - set(self.trainer.models)
+            self.comps = spec.build(preset, parts, sources_of(cfg), device=self.device,
+                                    dtype=model_dtype(cfg, self.device))
+        comps = {**self.comps, **self.trainer.models}
+        was = {n: m.training for n, m in self.trainer.models.items()}
+        for m in self.trainer.models.values():
+            m.eval()
+        prompts = v.prompts if spec.uses_text else [None]
+        rules = spec.media_rules(preset)
+        try:
+            for i, prompt in enumerate(prompts):
+                req = SampleRequest(prompts=[prompt] if prompt is not None else None, images=self.images,
+                                    frames=v.frames, height=v.height, width=v.width, steps=v.steps,
+                                    guidance=v.guidance, seed=v.seed, extras=dict(v.extras))
+                video = spec.sample(comps, req, device=self.device, autocast_dtype=autocast_dtype(cfg, self.device))
+                suffix = ".png" if rules.kind == "image" else ".mp4"
+                path = write_video(video[0], out / "samples" / f"step{step:06d}_{i}{suffix}", fps=rules.fps)
+                log.info("validation sample: %s", path)
+        finally:
+            for n, m in self.trainer.models.items():
+                m.train(was[n])
+
+
+def check_resume(state: dict[str, Any], cfg: Config, info: parallel.DistInfo, source: Path) -> None:
+    """The data order is a function of the global batch size and grad_accum: a resumed run continues exactly,
+    so a change of either is refused, naming it."""
+    was = state.get("data", {})
+    now = {"global_batch": cfg.train.batch_size * info.dp_size, "grad_accum": cfg.train.grad_accum,
+           "seed": cfg.train.seed}
+    changed = [f"{k}: {was[k]} -> {v}" for k, v in now.items() if k in was and was[k] != v]
+    if changed:
+        raise ValueError(f"--resume {source}: the data order changed ({'; '.join(changed)}; global_batch = "
+                         "train.batch_size x data-parallel ranks); resume with the values the run started with, or "
+                         "start a new run in another --output")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(argv)
-    cfg = resolve_config(args, overrides)
-    spec = get_backbone(cfg.model.backbone)
+    args = parse_args(argv)
+    cfg, spec = resolve_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     set_attention_backend(cfg.model.attention)
-    head_count = spec.component_specs(cfg.model.preset)["dit"].config.num_heads  # type: ignore[union-attr]
-    info = parallel.init_distributed(cfg.parallel.ulysses, head_count)
+    info = parallel.init_distributed(cfg.parallel.ulysses, spec.sequence_parallel(cfg.model.preset))
     parallel.check_options(info, mode=cfg.parallel.mode, optimizer=cfg.optim.name,
                            validation_every=cfg.validation.every)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    device = info.device
-    out = Path(cfg.train.output)
+    device, out = info.device, Path(cfg.train.output)
     torch.manual_seed(cfg.train.seed)
 
     # 1. everything that can fail on user input, before any model is loaded
-    if cfg.model.ckpt_dir:
-        spec.check_checkpoint(cfg.model.preset, cfg.model.ckpt_dir, {"dit", "vae", "text_encoder"})
-    elif cfg.model.preset != "tiny":
-        raise ValueError(f"--preset {cfg.model.preset} needs --ckpt-dir (the downloaded official folder); "
-                         "only the tiny preset runs on random weights")
-    resume_from = ckpt.resolve_resume(args.resume, out / "checkpoints") if args.resume else None
-    dataset = prepare_dataset(cfg, info)
+    spec.check_sources(cfg.model.preset, sources_of(cfg), set(spec.components(cfg.model.preset)))
+    plan_training(cfg, spec.components(cfg.model.preset))
+    resume_from = (ckpt.resolve_resume(args.resume, out / "checkpoints", (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE))
+                   if args.resume else None)
+    dataset = prepare_dataset(cfg, spec, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    # 2. latents and text encodings, cached on disk
-    cache = prepare_cache(cfg, spec, dataset, info, device)
+    # 2. encoded media and text, cached on disk
+    cached = prepare_cache(cfg, spec, dataset, info, device)
     if args.cache_only:
-        log.info("cache ready in %s", cache.dir)
+        log.info("cache ready in %s", cached.cache.dir)
         parallel.shutdown()
         return 0
-    keys = cache_keys(dataset, cache)
-    empty = cache.get(EMPTY_CAPTION_KEY)["context"]  # type: ignore[index]
 
-    # 3. the model: DiT + LoRA, then parallelism (sequence parallel -> checkpointing -> FSDP2/DDP)
-    dtype = model_dtype(cfg, device)
-    targets = cfg.lora.targets or list(spec.default_targets)
-
-    def add_lora(dit: torch.nn.Module) -> list[str]:
-        adapted = inject_lora(dit, targets, cfg.lora.rank, cfg.lora.alpha, dropout=cfg.lora.dropout,
-                              exclude=cfg.lora.exclude, use_rslora=cfg.lora.use_rslora)
-        if cfg.lora.init_from:
-            load_lora(dit, cfg.lora.init_from)
-        return adapted
-
-    grad_ckpt = bool(cfg.train.gradient_checkpointing)
-    if parallel.shards_weights(cfg.parallel.mode, info):
-        # FSDP2: shard the model while it is on the meta device, then fill every rank's shards from one
-        # full copy that only rank 0 loads (on the CPU), tensor by tensor
-        dit = spec.component_specs(cfg.model.preset)["dit"].to(dtype)
-        adapted = add_lora(dit)
-        model = parallel.parallelize(dit, spec.blocks(dit), info, mode="fsdp", gradient_checkpointing=grad_ckpt)
-        full = spec.build(cfg.model.preset, {"dit"}, cfg.model.ckpt_dir, dtype=dtype).dit if info.is_main else None
-        if full is not None:
-            add_lora(full)
-        parallel.load_full_state(dit, full, info)
-        del full
-    else:
-        dit = spec.build(cfg.model.preset, {"dit"}, cfg.model.ckpt_dir, device=device, dtype=dtype).dit
-        assert dit is not None
-        adapted = add_lora(dit)
-        model = parallel.parallelize(dit, spec.blocks(dit), info, mode=cfg.parallel.mode,
-                                     gradient_checkpointing=grad_ckpt)
-    n_train = sum(p.numel() for p in lora_parameters(dit))
-    log.info("LoRA on %d modules, %s trainable parameters (rank %d, alpha %g)", len(adapted), f"{n_train:,}",
-             cfg.lora.rank, cfg.lora.alpha)
-    optimizer = build_optimizer(lora_parameters(dit), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    # 3. the trained models, parallelized, and the optimizer
+    trainer = build_models(cfg, spec, info)
+    validate = Validator(cfg, spec, trainer, device) if cfg.validation.every else None
 
     # 4. resume
     start = 0
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
-        with parallel.full_lora(dit, writeback=True):  # FSDP2: gathered, loaded, scattered back
-            load_lora(dit, resume_from / "lora.safetensors")
-        parallel.load_optimizer_state_dict(dit, optimizer, ckpt.load_tensors(resume_from / "optimizer.pt"))
+        check_resume(state, cfg, info, resume_from)
+        with gathered(trainer, writeback=True):  # FSDP2: gathered, loaded, scattered back
+            load_trainable_state(trainer.models, ckpt.load_safetensors(resume_from / TRAINABLE_FILE),
+                                 str(resume_from / TRAINABLE_FILE))
+        parallel.load_optimizer_state_dict(trainer.container, trainer.optimizer,
+                                           ckpt.load_tensors(resume_from / OPTIMIZER_FILE))
         start = state["step"]
         # the schedule is a function of (step, config): rebuilt, so a resumed run may change max_steps
-        for group in optimizer.param_groups:
+        for group in trainer.optimizer.param_groups:
             group.pop("initial_lr", None)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps, last_step=start)
-        ckpt.set_rng_state(ckpt.load_tensors(resume_from / "rng.pt"))
+        trainer.scheduler = build_scheduler(trainer.optimizer, cfg.optim, cfg.train.max_steps, last_step=start)
+        ckpt.set_rng_state(ckpt.load_tensors(resume_from / RNG_FILE))
         log.info("resumed from %s at step %d", resume_from, start)
     elif args.resume:
         log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, out / "checkpoints")
 
     # 5. the loop
-    batches = Batches(dataset.buckets, cfg.train.batch_size * info.dp_size, cfg.train.seed)
-    amp = autocast_dtype(cfg, device)
-    metrics = open(out / "metrics.jsonl", "a") if info.is_main else None
-    board = tensorboard_writer(out / "tensorboard") if info.is_main else None
-    lo = info.dp_rank * cfg.train.batch_size
-    mine = list(range(lo, lo + cfg.train.batch_size))
-
-    def write_checkpoint(step: int) -> None:
-        # every rank takes part: under FSDP2 the LoRA and the optimizer state are gathered to rank 0
-        optim_state = parallel.optimizer_state_dict(dit, optimizer)
-        with parallel.full_lora(dit):
-            if info.is_main:
-                path = ckpt.save_checkpoint(
-                    out / "checkpoints", step,
-                    files={"lora.safetensors": lambda p: save_lora(dit, p, format="native", backbone=spec.name),
-                           "optimizer.pt": optim_state, "rng.pt": ckpt.rng_state()},
-                    state={"step": step, "data_position": step * cfg.train.grad_accum, "config": to_dict(cfg)},
-                    keep_last=cfg.train.keep_last)
-                log.info("checkpoint written: %s", path)
-        parallel.barrier(info)
-
-    model.train()
-    bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
-               disable=not info.is_main, desc="training")
-    step = start
-    with StopRequest() as stop:
-        for step in bar:
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            total = torch.zeros((), device=device)
-            for a in range(cfg.train.grad_accum):
-                micro = step * cfg.train.grad_accum + a
-                gbatch = batches.global_batch(micro)
-                latents, context, seeds = load_micro_batch(cache, keys, empty, [gbatch[i] for i in mine], mine,
-                                                           micro, cfg, device)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None), \
-                        parallel.maybe_offload_activations(cfg.train.offload_activations):
-                    loss = spec.training_loss(model, latents, context, seeds, cfg.train)
-                (loss / cfg.train.grad_accum).backward()
-                total += loss.detach() / cfg.train.grad_accum
-            loss_val = float(parallel.all_reduce_mean(total, info))
-            if not math.isfinite(loss_val):
-                optimizer.zero_grad(set_to_none=True)
-                if not cfg.train.skip_nonfinite:
-                    raise FloatingPointError(f"non-finite loss {loss_val} at step {step + 1}; lower optim.lr or "
-                                             "set train.skip_nonfinite=true to skip such steps")
-                log.warning("step %d: non-finite loss %s, step skipped", step + 1, loss_val)
-                continue
-            grad_norm = parallel.clip_grad_norm(lora_parameters(dit), cfg.optim.grad_clip)  # FSDP2 shards too
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            dt = time.perf_counter() - t0
-            record = {"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "s_per_step": dt,
-                      "samples_per_s": cfg.train.batch_size * info.dp_size * cfg.train.grad_accum / dt,
-                      "peak_mem_gb": peak_memory_gb(device)}
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if board is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            board.add_scalar(f"train/{k}", v, record["step"])
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
-                if cfg.train.log_every and (step + 1) % cfg.train.log_every == 0:
-                    log.info("step %d loss %.5f grad_norm %.4f lr %.3e %.2f s/step %.2f samples/s peak %.2f GB",
-                             step + 1, loss_val, grad_norm, lr, dt, record["samples_per_s"], record["peak_mem_gb"])
-            done = step + 1
-            if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
-                write_checkpoint(done)
-            if cfg.validation.every and done % cfg.validation.every == 0 and info.is_main:
-                validate(cfg, spec, dit, out, done, device)
-            if parallel.any_rank(stop.signal is not None, info):  # all ranks stop at the same step
-                write_checkpoint(done)
-                bar.close()
-                log.warning("stopped by signal at step %d; resume with --resume latest", done)
-                parallel.shutdown()
-                return 128 + (stop.signal or signal.SIGTERM)  # ranks told by another rank
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    if board is not None:
-        board.close()
-    final = cfg.train.max_steps
-    if start < final:
-        write_checkpoint(final)
-    with parallel.full_lora(dit):  # FSDP2: every LoRA tensor gathered in full, rank 0 writes
+    rc = train_loop(cfg, spec, trainer, dataset, cached, info, out, start, validate)
+    if rc:
+        return rc
+    with gathered(trainer):  # FSDP2: every trained tensor gathered in full, rank 0 writes
         if info.is_main:
-            path = save_final(dit, cfg, spec, out / "lora.safetensors")
-            log.info("LoRA written to %s (%s format)", path, cfg.lora.save_format)
+            for path in save_artifacts(cfg, spec, trainer, out):
+                log.info("written: %s", path)
     parallel.shutdown()
     return 0
 
 
-def validate(cfg: Config, spec: BackboneSpec, dit: torch.nn.Module, out: Path, step: int,
-             device: torch.device) -> None:
-    """Sample the validation prompts with the current LoRA and write mp4s under OUTPUT/samples/."""
-    from lora_core.data.video_io import write_video
-    v = cfg.validation
-    comps = spec.build(cfg.model.preset, {"vae", "text_encoder"}, cfg.model.ckpt_dir, device=device,
-                       dtype=model_dtype(cfg, device))
-    comps.dit = dit
-    image = None
-    if v.image:
-        from infer import load_image
-        image = load_image(v.image, v.height, v.width)
-    was_training = dit.training
-    dit.eval()
+def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: VideoDataset, cached: Cached,
+               info: parallel.DistInfo, out: Path, start: int, validate: Validator | None) -> int:
+    device, preset = info.device, cfg.model.preset
+    usable = cached.usable
+    batches = GlobalBatches([dataset.buckets[i] for i in usable], cfg.train.batch_size * info.dp_size,
+                            cfg.train.seed, repeats=cfg.data.repeats)
+    lo = info.dp_rank * cfg.train.batch_size
+    mine = list(range(lo, lo + cfg.train.batch_size))
+
+    def plan(micro: int) -> tuple[list[int], list[int]]:
+        gbatch = batches.global_batch(micro)
+        return [usable[gbatch[i]] for i in mine], mine
+
+    drops = [DropRule(c.name, c.fields, c.null, float(cfg.data.condition_dropout.get(c.name, 0.0)))
+             for c in spec.conditions(preset)]
+    reader = BatchReader(cached.cache.get, cached.media, cached.text, cached.empty_text,
+                         [FieldSource(f.name, f.keyed_by) for f in spec.cache_fields(preset)], drops,
+                         meta=lambda i: dataset.meta(i), seed=cfg.train.seed,
+                         describe=lambda i: str(dataset.samples[i].path), prefetch=cfg.train.prefetch)
+    amp = autocast_dtype(cfg, device)
+    metrics = Metrics(out, start, enabled=info.is_main)
+    params = list(trainable_parameters(trainer.models).values())
+
+    def write_checkpoint(step: int) -> None:
+        # every rank takes part: under FSDP2 the trained tensors and the optimizer state are gathered to rank 0
+        optim_state = parallel.optimizer_state_dict(trainer.container, trainer.optimizer)
+        with gathered(trainer):
+            if info.is_main:
+                sd = trainable_state(trainer.models)
+                path = ckpt.save_checkpoint(
+                    out / "checkpoints", step,
+                    files={TRAINABLE_FILE: lambda p: ckpt.save_tensors(sd, p), OPTIMIZER_FILE: optim_state,
+                           RNG_FILE: ckpt.rng_state()},
+                    state={"step": step, "config": to_dict(cfg),
+                           "data": {"micro_steps": step * cfg.train.grad_accum,
+                                    "global_batch": cfg.train.batch_size * info.dp_size,
+                                    "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed}},
+                    keep_last=cfg.train.keep_last)
+                log.info("checkpoint written: %s", path)
+        parallel.barrier(info)
+
+    sync = getattr(parallel, "gradient_sync", None)
+    for m in trainer.models.values():
+        m.train()
+    bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
+               disable=not info.is_main, desc="training")
     try:
-        for i, prompt in enumerate(v.prompts):
-            video = spec.sample(comps, [prompt], image=image, frames=v.frames, height=v.height, width=v.width,
-                                steps=v.steps, guidance=v.guidance, seed=v.seed, device=device,
-                                autocast_dtype=autocast_dtype(cfg, device))
-            path = write_video(video[0], out / "samples" / f"step{step:06d}_{i}.mp4", fps=spec.media_rules(
-                cfg.model.preset).fps)
-            log.info("validation sample: %s", path)
+        with StopRequest() as stop:
+            for step in bar:
+                t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                total = torch.zeros((), device=device)
+                for a in range(cfg.train.grad_accum):
+                    micro = step * cfg.train.grad_accum + a
+                    batch = reader.get(micro, plan).to(device)
+                    last = a == cfg.train.grad_accum - 1
+                    no_sync = contextlib.ExitStack()
+                    if sync is not None and not last:  # gradients are all-reduced once per optimizer step
+                        for w in trainer.wrapped.values():
+                            no_sync.enter_context(sync(w, False))
+                    with no_sync, fused.dropout_scope([dropout_seed(s) for s in batch.seeds]), \
+                            torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
+                            parallel.maybe_offload_activations(cfg.train.offload_activations):
+                        loss = spec.training_loss(trainer.wrapped, batch, cfg.objective)
+                        (loss / cfg.train.grad_accum).backward()
+                    total += loss.detach() / cfg.train.grad_accum
+                loss_val = float(parallel.all_reduce_mean(total, info))
+                if not math.isfinite(loss_val):
+                    trainer.optimizer.zero_grad(set_to_none=True)
+                    if not cfg.train.skip_nonfinite:
+                        raise FloatingPointError(f"non-finite loss {loss_val} at step {step + 1}; lower optim.lr "
+                                                 "or set train.skip_nonfinite=true to skip such steps")
+                    log.warning("step %d: non-finite loss %s, step skipped", step + 1, loss_val)
+                    continue
+                grad_norm = parallel.clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 shards too
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad(set_to_none=True)
+                lr = trainer.scheduler.get_last_lr()[0]
+                trainer.scheduler.step()
+                dt = time.perf_counter() - t0
+                record = {"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "s_per_step": dt,
+                          "samples_per_s": cfg.train.batch_size * info.dp_size * cfg.train.grad_accum / dt,
+                          "peak_mem_gb": peak_memory_gb(device)}
+                metrics.write(record)
+                if info.is_main:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+                    if cfg.train.log_every and (step + 1) % cfg.train.log_every == 0:
+                        log.info("step %d loss %.5f grad_norm %.4f lr %.3e %.2f s/step %.2f samples/s peak %.2f GB",
+                                 step + 1, loss_val, grad_norm, lr, dt, record["samples_per_s"],
+                                 record["peak_mem_gb"])
+                done = step + 1
+                if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
+                    write_checkpoint(done)
+                if validate is not None and done % cfg.validation.every == 0 and info.is_main:
+                    validate(out, done)
+                if parallel.any_rank(stop.signal is not None, info):  # all ranks stop at the same step
+                    write_checkpoint(done)
+                    bar.close()
+                    log.warning("stopped by signal at step %d; resume with --resume latest", done)
+                    parallel.shutdown()
+                    return 128 + (stop.signal or signal.SIGTERM)  # ranks told by another rank
+        bar.close()
+        if start < cfg.train.max_steps:
+            write_checkpoint(cfg.train.max_steps)
     finally:
-        dit.train(was_training)
+        reader.close()
+        metrics.close()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with user errors as one `error:` line (tracebacks are kept for bugs)."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        logging.getLogger("train").debug("user error", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -19,20 +19,24 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("backbone", choices=backbone_names())
     info.add_argument("--preset", default=None)
     info.add_argument("--json", action="store_true", help="machine-readable output with every key and shape")
-    info.add_argument("--targets", action="store_true", help="list the DiT module names LoRA can target")
+    info.add_argument("--targets", action="store_true", help="list the module names LoRA can target")
     args = ap.parse_args(argv)
     spec = get_backbone(args.backbone)
     preset = args.preset or spec.presets[-1]
     spec.check_preset(preset)
     comps = spec.component_specs(preset)
+    declared = spec.components(preset)
+    lora_parts = [n for n, c in declared.items() if "lora" in c.modes]
     report: dict = {"backbone": spec.name, "preset": preset, "components": {},
-                    "default_targets": list(spec.default_targets)}
+                    "default_targets": list(declared[lora_parts[0]].lora_targets) if lora_parts else []}
     for name, module in comps.items():
         entry = {"num_params": count_params(module),
                  "keys": {k: list(v.shape) for k, v in module.state_dict().items()}}
         report["components"][name] = entry
     if args.targets:
-        report["targets"] = lora_targetable(comps["dit"])
+        report["targets"] = [t for n in lora_parts for t in
+                             (lora_targetable(comps[n]) if len(lora_parts) == 1
+                              else [f"{n}:{x}" for x in lora_targetable(comps[n])])]
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{spec.name} ({preset})")
     for name, entry in report["components"].items():
         print(f"  {name:13s} {entry['num_params']:>15,d} parameters, {len(entry['keys'])} tensors")
-    print(f"  default LoRA targets: {', '.join(spec.default_targets)}")
+    print(f"  default LoRA targets: {', '.join(report['default_targets'])}")
     if args.targets:
         print("  targetable modules:")
         for t in report["targets"]:

@@ -1,19 +1,41 @@
-"""`--backbone NAME` -> its spec. Families register here as they are added."""
+"""`--backbone NAME` -> its spec. Families register here; tests and plug-ins may `register` their own."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from .spec import BackboneSpec
 
-_FACTORIES = {
-    "wan_ti2v": lambda: __import__("backbones.wan.spec", fromlist=["WanTI2VSpec"]).WanTI2VSpec(),
-}
+DEFAULT_BACKBONE = "wan_ti2v"   # what train.py / infer.py use when --backbone is not given
+
+
+def _wan() -> BackboneSpec:
+    from .wan.spec import WanTI2VSpec
+    return WanTI2VSpec()
+
+
+_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan}
 _CACHE: dict[str, BackboneSpec] = {}
+
+
+def register(name: str, factory: Callable[[], BackboneSpec], *, replace: bool = False) -> None:
+    """Make `--backbone name` available (a factory, so registering imports nothing heavy)."""
+    if name in _FACTORIES and not replace:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _FACTORIES[name] = factory
+    _CACHE.pop(name, None)
+
+
+def unregister(name: str) -> None:
+    _FACTORIES.pop(name, None)
+    _CACHE.pop(name, None)
 
 
 def backbone_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def get_backbone(name: str) -> BackboneSpec:
+def get_backbone(name: str | None) -> BackboneSpec:
+    name = name or DEFAULT_BACKBONE
     if name not in _FACTORIES:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(backbone_names())}")
     if name not in _CACHE:

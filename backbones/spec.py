@@ -1,48 +1,135 @@
-"""What a backbone supplies so that train.py, infer.py and the data pipeline stay backbone-agnostic.
+"""The backbone contract: what a family supplies so that train.py, infer.py, the data pipeline, the cache and
+the parallel code never name a family's components or objective.
 
-Shapes: B batch, C/F/H/W video channels/frames/height/width, c/f/h/w latent ones, L text tokens, D width.
+A spec declares
+- its components (`components`): the networks and encoders it builds, which of them the objective calls during
+  training, how each may be trained (LoRA, full by parameter pattern, frozen) and how its LoRA keys are named in
+  each file format;
+- its weight sources (`sources`): `--ckpt-dir` is the common one, others come from `model.sources`; all are
+  checked (`check_sources`) before anything is built; `random_presets` may run without any;
+- its media rules (`media_rules`) that drive the data pipeline (image or video, frames by fps or by stride,
+  frame and size multiples, defaults);
+- its cache fields (`cache_fields`): what `encode_media` / `encode_text` compute once per sample, keyed by the
+  media or by the text alone, and its droppable conditions (`conditions`) with their null values;
+- its objective (`objective_config` + `training_loss`), a module of `backbones.objectives` with its own typed
+  config section `objective.*`;
+- its units (`units`) for checkpointing and FSDP, and its sequence-parallel capability (`sequence_parallel`);
+- its sampling (`sample` from a `SampleRequest`), with the options and image inputs infer.py exposes.
+
+Shapes: B batch, C/F/H/W video channels/frames/height/width.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
+from lora_core.data.rules import MediaRules
+from lora_core.formats import LoRANaming
+from lora_core.runtime.batch import Batch
 
-@dataclass
-class Components:
-    """Loaded parts of a backbone; a part that was not asked for is None."""
+__all__ = ["BackboneSpec", "Batch", "CacheField", "Component", "Components", "Condition", "MediaRules",
+           "SampleOption", "SampleRequest", "Sources"]
 
-    dit: nn.Module | None = None          # the denoiser LoRA trains (DiT or UNet)
-    vae: nn.Module | None = None
-    text_encoder: nn.Module | None = None
-    tokenizer: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+Components = dict[str, Any]   # component name -> built module (or a tokenizer); only the parts asked for
+TrainMode = Literal["lora", "full", "frozen"]
 
 
 @dataclass(frozen=True)
-class MediaRules:
-    """Valid input sizes: frames = 4n+1 etc. Used by the data pipeline and infer.py."""
+class Component:
+    """One part of a backbone.
 
-    fps: float
-    frame_stride: int        # frames must be frame_stride * n + 1
-    spatial_multiple: int    # height and width must be multiples of this
-    default_frames: int
-    default_height: int
-    default_width: int
+    `modes` lists how it may be trained, the default first ("frozen" alone: never trained). `in_training`: the
+    objective calls it every step, so train.py builds it (the trained networks and any frozen network they need);
+    encoders used only to fill the cache say False. `lora_targets`: default LoRA target patterns (PEFT matching);
+    `full_patterns`: regexes of the parameter names "full" mode trains (empty: all of them). `naming`: the key
+    prefixes (and key map) of its LoRA modules in each file format."""
 
-    def valid_frames(self, n: int) -> int:
-        """The largest valid frame count <= n (at least 1)."""
-        return max(1, (n - 1) // self.frame_stride * self.frame_stride + 1)
+    name: str
+    modes: tuple[TrainMode, ...] = ("frozen",)
+    in_training: bool = False
+    lora_targets: tuple[str, ...] = ()
+    full_patterns: tuple[str, ...] = ()
+    naming: LoRANaming | None = None
+    description: str = ""
 
-    def nearest_frames(self, n: int) -> int:
-        return max(1, round((n - 1) / self.frame_stride) * self.frame_stride + 1)
+    @property
+    def default_mode(self) -> TrainMode:
+        return self.modes[0]
 
-    def nearest_size(self, n: int) -> int:
-        return max(self.spatial_multiple, round(n / self.spatial_multiple) * self.spatial_multiple)
+
+@dataclass(frozen=True)
+class CacheField:
+    """A tensor computed once per sample and cached: keyed by the media file and its preprocessing ("media",
+    e.g. VAE latents) or by the text alone ("text", e.g. a caption's encoding), so editing a caption never
+    re-runs the VAE."""
+
+    name: str
+    keyed_by: Literal["media", "text"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A condition that classifier-free-guidance training drops with probability `data.condition_dropout[name]`.
+
+    When sample i's condition is dropped its `fields` are replaced by the null: the cached encoding of the empty
+    text ("empty_text"), zeros of the same shape ("zeros"), or left to the objective ("objective", which reads
+    `batch.dropped[name]`, e.g. for conditioning computed per step)."""
+
+    name: str
+    fields: tuple[str, ...] = ()
+    null: Literal["empty_text", "zeros", "objective"] = "zeros"
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where weights come from: `ckpt_dir` (the common case, `--ckpt-dir`) and named extra paths
+    (`model.sources`, e.g. a motion module or a separate VAE)."""
+
+    ckpt_dir: Path | None = None
+    extra: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.ckpt_dir is None and not self.extra
+
+
+@dataclass(frozen=True)
+class SampleOption:
+    """A backbone-specific infer.py option (`--<name>` with dashes), e.g. `--shift` for flow backbones. The
+    value lands in `SampleRequest.extras[name]` (None when not given: the backbone's default applies)."""
+
+    name: str
+    type: type = float
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    default: Any = None
+
+
+@dataclass
+class SampleRequest:
+    """What to sample: prompts (None for a backbone without text), named input images ([3, H, W] in [-1, 1],
+    already at (height, width)), control inputs, and backbone-specific extras (`sample_options`)."""
+
+    prompts: list[str] | None = None
+    negative_prompt: str | None = None
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    controls: dict[str, Any] = field(default_factory=dict)
+    frames: int = 1
+    height: int = 64
+    width: int = 64
+    steps: int = 10
+    guidance: float | None = None
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts) if self.prompts else 1
 
 
 class BackboneSpec:
@@ -50,15 +137,56 @@ class BackboneSpec:
 
     name: str = ""
     presets: tuple[str, ...] = ()
-    default_targets: tuple[str, ...] = ()
+    random_presets: tuple[str, ...] = ("tiny",)   # presets that may run on deterministic random weights
     default_rank: int = 32
     default_alpha: float = 32.0
+    uses_text: bool = True                        # prompts are an input (infer.py --prompt, validation prompts)
+    lora_file_metadata: dict[str, str] = {}       # extra metadata in every LoRA file (e.g. kohya network module)
+
+    # ---- declarations
+    def components(self, preset: str) -> dict[str, Component]:
+        raise NotImplementedError
 
     def media_rules(self, preset: str) -> MediaRules:
         raise NotImplementedError
 
+    def cache_fields(self, preset: str) -> list[CacheField]:
+        raise NotImplementedError
+
+    def conditions(self, preset: str) -> list[Condition]:
+        return []
+
+    def objective_config(self, preset: str) -> Any:
+        """A dataclass instance: the `objective.*` config section with this preset's defaults."""
+        raise NotImplementedError
+
     def preset_overrides(self, preset: str) -> dict[str, Any]:
         """Config values (dotted keys) a preset implies, e.g. gradient checkpointing on for 5b."""
+        return {}
+
+    def sequence_parallel(self, preset: str) -> int | None:
+        """The attention head count Ulysses splits, or None when the denoiser has no sequence-parallel seam."""
+        return None
+
+    def units(self, name: str, module: nn.Module) -> list[nn.Module]:
+        """The repeated blocks of a trained component (activation checkpointing and FSDP units)."""
+        return list(getattr(module, "blocks", []))
+
+    def sample_options(self, preset: str) -> list[SampleOption]:
+        return []
+
+    def image_inputs(self, preset: str) -> dict[str, str]:
+        """Named input images sampling accepts (infer.py `--<name>`, validation.images), name -> help."""
+        return {}
+
+    def default_steps(self, preset: str) -> int:
+        return 50
+
+    def default_guidance(self, preset: str) -> float:
+        return 5.0
+
+    def sources(self, preset: str) -> dict[str, str]:
+        """Named extra weight sources (`model.sources.<name>`) besides --ckpt-dir, name -> help."""
         return {}
 
     def check_preset(self, preset: str) -> None:
@@ -66,53 +194,78 @@ class BackboneSpec:
             raise ValueError(f"backbone {self.name!r} has no preset {preset!r}; choose one of "
                              f"{', '.join(self.presets)}")
 
+    def trained_components(self, preset: str) -> list[str]:
+        return [n for n, c in self.components(preset).items() if c.in_training]
+
+    def encoder_parts(self, preset: str, keyed_by: str) -> set[str]:
+        """Components `encode_media` ("media") or `encode_text` ("text") needs."""
+        return set()
+
     # ---- building and loading
-    def build(self, preset: str, parts: set[str], ckpt_dir: str | Path | None = None,
+    def check_sources(self, preset: str, sources: Sources, parts: set[str]) -> None:
+        """Fail fast (FileNotFoundError/ValueError naming the file) when the sources cannot provide `parts`;
+        reads headers and small files only."""
+        if sources.empty and preset not in self.random_presets:
+            raise ValueError(f"--preset {preset} of backbone {self.name!r} needs --ckpt-dir (the downloaded "
+                             f"official folder); only {', '.join(self.random_presets) or 'no preset'} runs on "
+                             "random weights")
+        unknown = sorted(set(sources.extra) - set(self.sources(preset)))
+        if unknown:
+            known = ", ".join(self.sources(preset)) or "none"
+            raise ValueError(f"model.sources.{unknown[0]} is not a weight source of backbone {self.name!r} "
+                             f"(its sources: {known})")
+
+    def build(self, preset: str, parts: set[str], sources: Sources | None = None,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Components:
-        """Build the asked-for parts ({"dit", "vae", "text_encoder"}); weights from `ckpt_dir` (validated
-        before any compute) or, without one, deterministic random weights."""
+        """Build the asked-for components; weights from the sources (validated before any compute) or, without
+        any, deterministic random weights (the random presets only)."""
         raise NotImplementedError
 
-    def check_checkpoint(self, preset: str, ckpt_dir: str | Path, parts: set[str]) -> None:
-        """Fail fast (FileNotFoundError/ValueError naming the file) if the folder cannot provide `parts`."""
+    def component_specs(self, preset: str) -> dict[str, nn.Module]:
+        """Each module component built on the meta device (no memory), for `python -m backbones info`."""
         raise NotImplementedError
 
-    def save_checkpoint(self, comps: Components, out_dir: str | Path, source_dir: str | Path | None = None,
+    def save_checkpoint(self, comps: Components, out_dir: str | Path, sources: Sources | None = None,
                         max_shard_bytes: int = 10 * 2**30) -> Path:
         """Write the components as a checkpoint folder in the official layout (`--ckpt-dir` loads it)."""
         raise ValueError(f"exporting a checkpoint folder is not implemented for backbone {self.name!r}")
 
-    def default_steps(self, preset: str) -> int:
-        """Sampling steps infer.py uses when --steps is not given."""
-        return 50
-
-    def component_specs(self, preset: str) -> dict[str, nn.Module]:
-        """Each component built on the meta device (no memory), for `python -m backbones info`."""
-        raise NotImplementedError
-
-    def blocks(self, dit: nn.Module) -> nn.ModuleList:
-        """The repeated blocks (gradient checkpointing and FSDP units)."""
-        return dit.blocks  # type: ignore[return-value]
+    def save_full(self, name: str, module: nn.Module, out_dir: Path) -> list[Path]:
+        """The artifact of a fully trained component (mode "full"): by default its trained parameters as one
+        safetensors state dict; families override this to write their official layouts."""
+        from lora_core.runtime.checkpoint import save_tensors
+        sd = {k: p.detach().cpu() for k, p in module.named_parameters() if p.requires_grad}
+        return [save_tensors(sd, out_dir / f"{name}.safetensors", metadata={"backbone": self.name})]
 
     # ---- data
     @torch.no_grad()
-    def encode_video(self, comps: Components, video: torch.Tensor) -> torch.Tensor:
-        """video [B, C, F, H, W] in [-1, 1] -> latents [B, c, f, h, w]."""
+    def encode_media(self, comps: Components, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One dataset item (video [C, F, H, W] in [-1, 1], meta) -> its media-keyed cache fields."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_text(self, comps: Components, prompts: list[str]) -> list[torch.Tensor]:
-        """prompts -> one [L_i, D] tensor each (trimmed to the real length)."""
-        raise NotImplementedError
+    def encode_text(self, comps: Components, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Texts -> their text-keyed cache fields, one dict each."""
+        return [{} for _ in texts]
 
     # ---- objective
-    def training_loss(self, dit: nn.Module, latents: torch.Tensor, context: list[torch.Tensor],
-                      sample_seeds: list[int], cfg: Any) -> torch.Tensor:
-        """Scalar loss for a batch; every random draw of sample i comes from sample_seeds[i]."""
+    def training_loss(self, models: dict[str, nn.Module], batch: Batch, cfg: Any) -> torch.Tensor:
+        """Scalar loss of a batch; `models` holds the in-training components (parallelized); cfg is the
+        `objective` section. Every random draw of sample i comes from batch.seeds[i]."""
         raise NotImplementedError
 
     # ---- sampling
     @torch.no_grad()
-    def sample(self, comps: Components, prompts: list[str], **kwargs: Any) -> torch.Tensor:
-        """Videos [B, C, F, H, W] in [-1, 1]."""
+    def sample(self, comps: Components, request: SampleRequest, *, device: torch.device | str = "cpu",
+               autocast_dtype: torch.dtype | None = None, offload: bool = False,
+               progress: bool = False) -> torch.Tensor:
+        """Outputs [B, C, F, H, W] float32 in [-1, 1] (F = 1 for image backbones)."""
         raise NotImplementedError
+
+
+def objective_from_dict(default: Any, values: dict[str, Any] | None, prefix: str = "objective") -> Any:
+    """The objective section: the spec's defaults with `values` on top, type-checked (unknown keys name the
+    key and the valid ones)."""
+    from lora_core.runtime.config import from_dict
+    merged = {**dataclasses.asdict(default), **(values or {})}
+    return from_dict(type(default), merged, prefix)

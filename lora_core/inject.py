@@ -79,6 +79,8 @@ def inject_lora(model: nn.Module, targets: Targets, rank: int, alpha: float, *, 
                 dtype: torch.dtype | None = None) -> list[str]:
     """Turn every matching Linear/Conv into a LoRA layer (in place) and freeze everything else.
 
+    Each layer's `lora_name` is its name in `model`, which keys its dropout masks (`fused.dropout_scope`),
+    so inject into the same module (the bare DiT, before any wrapping) in every process.
     Returns the adapted module names. Raises ValueError when nothing matches, when a matching module
     is of a type LoRA does not support, or when a module already carries LoRA.
     """
@@ -93,9 +95,9 @@ def inject_lora(model: nn.Module, targets: Targets, rank: int, alpha: float, *, 
         r = int(_pattern_value(name, rank_pattern, rank))
         a = float(_pattern_value(name, alpha_pattern, alpha))
         if isinstance(module, nn.Linear):
-            LoRALinear.from_linear(module, r, a, dropout=dropout, use_rslora=use_rslora, dtype=dtype)
+            LoRALinear.from_linear(module, r, a, dropout=dropout, use_rslora=use_rslora, dtype=dtype, name=name)
         elif isinstance(module, _CONV_TYPES):
-            LoRAConv.from_conv(module, r, a, dropout=dropout, use_rslora=use_rslora, dtype=dtype)
+            LoRAConv.from_conv(module, r, a, dropout=dropout, use_rslora=use_rslora, dtype=dtype, name=name)
         elif isinstance(targets, str) and len(list(module.children())) > 0:
             continue  # a regex may also match containers (e.g. "blocks.0"); only leaves are adapted
         else:

@@ -9,6 +9,10 @@ injected model and nothing is copied at injection time.
 
 Merging adds scale * B A into the weight in fp32 with one rounding; unmerging restores a pristine copy
 kept on the CPU, so merge/unmerge cycles are bit-exact in any dtype.
+
+Dropout masks follow `fused.dropout_scope`: they are keyed by the layer's `lora_name` (its qualified
+name, given by `inject_lora`; "" for layers built without one, which then all share one key), so
+they do not depend on call order and checkpoint recomputation regenerates them.
 """
 from __future__ import annotations
 
@@ -42,10 +46,15 @@ class LoRALayer:
     lora_use_rslora: bool
     lora_merged: bool
     lora_disabled: bool
+    lora_name: str
     _lora_pristine: torch.Tensor | None
+    # True on layers whose input is the same on every sequence-parallel rank (e.g. text-token k/v):
+    # its dropout mask then never takes a token shard's offset, even when its token count equals the
+    # shard's. Set by the backbone (class default: inputs of local_tokens tokens are shards).
+    lora_replicated_input: bool = False
 
     def _init_lora(self, rank: int, alpha: float, dropout: float, use_rslora: bool,
-                   dtype: torch.dtype | None) -> None:
+                   dtype: torch.dtype | None, name: str = "") -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         w = self.weight
@@ -61,6 +70,7 @@ class LoRALayer:
         self.lora_dropout = float(dropout)
         self.lora_merged = False
         self.lora_disabled = False
+        self.lora_name = name
         self._lora_pristine = None
         if w.device.type != "meta":
             self.reset_lora_parameters()
@@ -110,10 +120,8 @@ class LoRALayer:
         self._lora_pristine = None
         self.lora_merged = False
 
-    def _dropout_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_dropout > 0 and self.training:
-            return F.dropout(x, self.lora_dropout, training=True)
-        return x
+    def _dropout_p(self) -> float:
+        return self.lora_dropout if self.training else 0.0
 
 
 class LoRALinear(LoRALayer, nn.Linear):
@@ -123,24 +131,28 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int, alpha: float,
                  dropout: float = 0.0, use_rslora: bool = False, device: Any = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, name: str = "") -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_lora(rank, alpha, dropout, use_rslora, None)
+        self._init_lora(rank, alpha, dropout, use_rslora, None, name)
 
     @classmethod
     def from_linear(cls, base: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
-                    use_rslora: bool = False, dtype: torch.dtype | None = None) -> "LoRALinear":
+                    use_rslora: bool = False, dtype: torch.dtype | None = None, name: str = "") -> "LoRALinear":
         if not isinstance(base, nn.Linear):
             raise ValueError(f"LoRALinear needs an nn.Linear, got {type(base).__name__}")
         base.__class__ = _lora_class(cls, type(base))
-        base._init_lora(rank, alpha, dropout, use_rslora, dtype)  # type: ignore[attr-defined]
+        base._init_lora(rank, alpha, dropout, use_rslora, dtype, name)  # type: ignore[attr-defined]
         return base  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.lora_active:
             return F.linear(x, self.weight, self.bias)
-        return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scale,
-                                 self.lora_dropout if self.training else 0.0)
+        p = self._dropout_p()
+        if p == 0.0:  # the default: no key, no mask kernel
+            return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scale)
+        return fused.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scale, p,
+                                 layer_id=fused.layer_id(self.lora_name),
+                                 token_sharded=not self.lora_replicated_input)
 
 
 class LoRAConv(LoRALayer):
@@ -150,18 +162,34 @@ class LoRAConv(LoRALayer):
     module (or a subclass) did, so the delta behaves exactly like a change of the base kernel.
     groups == 1: conv(x, A as an r-channel kernel) then a 1x1 conv with B (cheap, no rounding into W);
     groups > 1: a second conv with the full delta kernel.
+
+    Dropout on the (padded) input x [B, C, *spatial] follows the scope rules with channel = feature and
+    position = the flattened spatial index within each sample; convolutions never see token shards.
+    Its mask is saved by autograd as a bool tensor (what F.dropout saved), not regenerated.
     """
 
     @classmethod
     def from_conv(cls, base: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0,
-                  use_rslora: bool = False, dtype: torch.dtype | None = None) -> "LoRAConv":
+                  use_rslora: bool = False, dtype: torch.dtype | None = None, name: str = "") -> "LoRAConv":
         if not isinstance(base, _CONV_TYPES):
             raise ValueError(f"LoRAConv needs an nn.Conv1d/2d/3d, got {type(base).__name__}")
         if isinstance(base, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             raise ValueError("LoRA on transposed convolutions is not supported")
         base.__class__ = _lora_class(cls, type(base))
-        base._init_lora(rank, alpha, dropout, use_rslora, dtype)  # type: ignore[attr-defined]
+        base._init_lora(rank, alpha, dropout, use_rslora, dtype, name)  # type: ignore[attr-defined]
         return base  # type: ignore[return-value]
+
+    def _dropout_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, *spatial] (or unbatched [C, *spatial]) -> x * mask / (1 - p), same shape."""
+        p = self._dropout_p()
+        if p == 0.0:
+            return x
+        xb = x if x.dim() == self.weight.dim() else x.unsqueeze(0)   # unbatched input: one sample
+        b, c, positions = xb.shape[0], xb.shape[1], math.prod(xb.shape[2:])
+        key = fused.dropout_key((b, positions), fused.layer_id(self.lora_name), token_sharded=False)
+        keep = fused.keep_mask(key, b * positions, c, p, x.device, torch.bool)     # [B*P, C]
+        keep = keep.view(b, positions, c).transpose(1, 2).reshape(x.shape)
+        return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,  # noqa: A002 (torch's name)
                       bias: torch.Tensor | None) -> torch.Tensor:
@@ -208,7 +236,7 @@ def strip_lora(module: nn.Module) -> nn.Module:
     for attr in ("lora_A", "lora_B"):
         delattr(module, attr)
     for attr in ("lora_rank", "lora_alpha", "lora_scale", "lora_dropout", "lora_use_rslora", "lora_merged",
-                 "lora_disabled", "_lora_pristine"):
+                 "lora_disabled", "lora_name", "lora_replicated_input", "_lora_pristine"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module)._lora_base_cls
     return module

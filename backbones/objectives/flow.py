@@ -20,7 +20,8 @@ classifier-free guidance by `cfg_model`; both wrap a model function into another
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +39,27 @@ TRAIN_SIGMA_MAX = 0.999
 
 # --------------------------------------------------------------------------------------------
 # Objective
+
+
+@dataclass
+class FlowObjectiveConfig:
+    """The `objective.*` section of flow-matching backbones."""
+
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    shift: float = 5.0                   # uniform sampling: sigma shift (the sampler's grid)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    first_frame_prob: float = 0.2        # probability that a video sample is conditioned on its clean first frame
+
+    def validate(self) -> None:
+        if not self.shift > 0:
+            raise ValueError(f"objective.shift={self.shift} must be > 0 (5 for Wan2.2 TI2V-5B, 1 for no shift)")
+        if not self.logit_std > 0:
+            raise ValueError(f"objective.logit_std={self.logit_std} must be > 0, e.g. 1.0")
+        if not math.isfinite(self.logit_mean):
+            raise ValueError(f"objective.logit_mean={self.logit_mean} must be a finite number, e.g. 0.0")
+        if not 0.0 <= self.first_frame_prob <= 1.0:
+            raise ValueError(f"objective.first_frame_prob={self.first_frame_prob} must be a probability in [0, 1]")
 
 
 def shift_sigmas(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
@@ -168,7 +190,8 @@ def condition_training_batch(x0: torch.Tensor, noise: torch.Tensor, sigma: torch
       cond [B] bool.
     The clean frame is exact: upstream's unused training branch hints at a slightly noised one
     (exp(N(−3.5, 0.5)) ≈ 0.03) but how it enters is unpublished. B uniforms are drawn from the
-    generator whatever p is, so the random stream does not depend on p.
+    generator whatever p is, so the random stream does not depend on p. A sample with a single latent
+    frame (an image) is never conditioned.
     """
     if x0.ndim != 5:
         raise ValueError(f"x0 must be shaped [B, C, F, H, W], got {tuple(x0.shape)}")
@@ -176,7 +199,9 @@ def condition_training_batch(x0: torch.Tensor, noise: torch.Tensor, sigma: torch
         raise ValueError(f"conditioning probability p must be in [0, 1], got {p}")
     B, _, F, H, W = x0.shape
     u = torch.rand(B, generator=generator, device=generator.device)
-    cond = (u < p).to(x0.device)
+    # a one-frame sample conditioned on its only frame would have nothing left to learn (loss 0 and an
+    # optimizer step on nothing): such samples are never conditioned
+    cond = ((u < p) & (F > 1)).to(x0.device)
     mask = first_frame_mask(B, F, H, W, cond, dtype=x0.dtype)
     x_t = impose_first_frame(add_noise(x0, noise, sigma), x0[:, :, :1], mask)
     t_tokens = token_timesteps(sigma_to_timestep(sigma, num_train_timesteps), mask, patch)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones.attention import attention
+from lora_core.distributed.ulysses import SequenceGroup, gather_sequence, sequence_layout, shard_sequence
 
 __all__ = ["WanDiTConfig", "DIT_PRESETS", "WanDiT", "WanAttentionBlock", "SequenceParallel"]
 
@@ -69,12 +69,9 @@ DIT_PRESETS: dict[str, WanDiTConfig] = {
 }
 
 
-class SequenceParallel(Protocol):
-    """What `WanDiT.sp` must provide; the distributed side lives in `lora_core.distributed`."""
-    size: int
-    rank: int
-
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
+# What `WanDiT.sp` must provide (size, rank, gather): the protocol the token-sharding helpers take; the
+# process-group side (`UlyssesGroup`) lives in `lora_core.distributed`.
+SequenceParallel = SequenceGroup
 
 
 def _fp32_island(device_type: str) -> torch.autocast:
@@ -344,32 +341,26 @@ class WanDiT(nn.Module):
             raise ValueError(f"seq_len={seq_len} is smaller than the token count {n} = f*h*w for grid {grid}; "
                              f"pass seq_len >= {n} or None")
         sp = self.sp
-        sp_size, sp_rank = (1, 0) if sp is None else (sp.size, sp.rank)
-        if sp_size < 1 or not 0 <= sp_rank < sp_size:
-            raise ValueError(f"sequence-parallel size={sp_size}, rank={sp_rank}; expected size >= 1 and "
-                             f"0 <= rank < size")
         seq = n if seq_len is None else seq_len
-        total = -(-seq // sp_size) * sp_size  # L: padded so every rank holds the same chunk length
-        local = total // sp_size
-        lo, hi = sp_rank * local, (sp_rank + 1) * local
+        total, _, _, _ = sequence_layout(seq, sp)  # L: seq padded so every rank holds the same chunk length
 
         dev = x.device
         cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.patch_embedding.weight.dtype
 
         # Patchify: [B, in_dim, F, H, W] -> [B, C, f, h, w] -> [B, N, C]; residual stream fp32 from here on.
         x = self.patch_embedding(x.to(cdt)).flatten(2).transpose(1, 2).float()
-        if total > n:
-            x = F.pad(x, (0, 0, 0, total - n))  # [B, L, C], zero tokens
-        x = x[:, lo:hi].contiguous()  # [B, Ll, C]
+        if seq > n:
+            x = F.pad(x, (0, 0, 0, seq - n))  # [B, seq, C], zero tokens
+        x = shard_sequence(x, sp, dim=1)  # [B, Ll, C], zero tokens up to L
 
         e, e0 = self._time_embed(t, n, seq, total)
         if e.shape[1] > 1:
-            e, e0 = e[:, lo:hi], e0[:, lo:hi]
+            e, e0 = shard_sequence(e, sp, dim=1), shard_sequence(e0, sp, dim=1)
 
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))  # [B, text_len, text_dim]
         context = self.text_embedding(context.to(cdt))  # [B, text_len, C]
 
-        rope = self.rope_for_grid(grid, total, dev)[lo:hi]  # [Ll, R, 2]
+        rope = shard_sequence(self.rope_for_grid(grid, total, dev), sp, dim=0)  # [Ll, R, 2]
         # Mask padded keys only when there are any: keeps the unmasked (faster) kernel otherwise.
         k_lens = torch.full((b,), n, dtype=torch.int32, device=dev) if total > n else None
 
@@ -377,8 +368,7 @@ class WanDiT(nn.Module):
             x = block(x, e0, context, rope, k_lens)
         x = self.head(x, e)  # [B, Ll, pt*ph*pw*out_dim]
 
-        if sp is not None:
-            x = sp.gather(x, dim=1)  # [B, L, ...]
+        x = gather_sequence(x, sp, dim=1)  # [B, L, ...]
         return self.unpatchify(x[:, :n], grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -18,12 +18,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from lora_core.formats import KeyMap
+from lora_core.formats import KeyMap, LoRANaming
 
 from ..objectives import flow
 from ..loading import (load_pth, load_safetensors_into, load_state_dict_into, safetensors_shapes,
                        sharded_safetensors, validate, expected_shapes)
-from ..spec import BackboneSpec, Components, MediaRules
+from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Condition, MediaRules, SampleOption,
+                    SampleRequest, Sources)
 from .dit import DIT_PRESETS, WanDiT
 from .keymap import dit_from_diffusers, dit_to_diffusers
 from ..encoders.t5 import T5_PRESETS, UMT5Encoder, encode_prompts, t5_from_hf
@@ -42,6 +43,10 @@ PARTS = ("dit", "vae", "text_encoder")
 
 WanDiT.lora_key_map = KeyMap(dit_to_diffusers, dit_from_diffusers, prefix="transformer.")  # type: ignore[attr-defined]
 WanDiT.backbone_name = "wan_ti2v"  # type: ignore[attr-defined]
+# LoRA keys of the DiT: original names under diffusion_model. (ComfyUI), lora_unet_ (kohya / musubi-tuner),
+# diffusers names under transformer.
+DIT_NAMING = LoRANaming(prefixes={"native": "", "comfyui": "diffusion_model.", "kohya": "lora_unet_",
+                                  "diffusers": "transformer."}, key_map=WanDiT.lora_key_map)  # type: ignore[attr-defined]
 
 
 def _layout(ckpt_dir: Path) -> str:
@@ -63,19 +68,56 @@ def _seeded(seed: int) -> Iterator[None]:
 class WanTI2VSpec(BackboneSpec):
     name = "wan_ti2v"
     presets = ("tiny", "5b")
-    default_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                       "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+    random_presets = ("tiny",)
     default_rank = 32
     default_alpha = 32.0
     patch = (1, 2, 2)
+    default_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                       "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+    def components(self, preset: str) -> dict[str, Component]:
+        self.check_preset(preset)
+        return {
+            "dit": Component("dit", modes=("lora", "frozen"), in_training=True, lora_targets=self.default_targets,
+                             naming=DIT_NAMING, description="WanModel DiT (the denoiser)"),
+            "vae": Component("vae", description="Wan2.2 VAE (16x16x4 compression, 48 channels)"),
+            "text_encoder": Component("text_encoder", description="umT5-XXL encoder + tokenizer"),
+        }
 
     def media_rules(self, preset: str) -> MediaRules:
         self.check_preset(preset)
         if preset == "tiny":
-            return MediaRules(fps=24, frame_stride=4, spatial_multiple=32, default_frames=17,
-                              default_height=64, default_width=64)
-        return MediaRules(fps=24, frame_stride=4, spatial_multiple=32, default_frames=121,
-                          default_height=704, default_width=1280)
+            return MediaRules(kind="video", frame_sampling="fps", fps=24.0, frame_stride=1, frame_multiple=4,
+                              frame_offset=1, size_multiple=32, default_frames=17, default_height=64,
+                              default_width=64)
+        return MediaRules(kind="video", frame_sampling="fps", fps=24.0, frame_stride=1, frame_multiple=4,
+                          frame_offset=1, size_multiple=32, default_frames=121, default_height=704,
+                          default_width=1280)
+
+    def cache_fields(self, preset: str) -> list[CacheField]:
+        return [CacheField("latents", "media"), CacheField("context", "text")]
+
+    def conditions(self, preset: str) -> list[Condition]:
+        return [Condition("caption", fields=("context",), null="empty_text")]
+
+    def encoder_parts(self, preset: str, keyed_by: str) -> set[str]:
+        return {"vae"} if keyed_by == "media" else {"text_encoder"}
+
+    def objective_config(self, preset: str) -> flow.FlowObjectiveConfig:
+        return flow.FlowObjectiveConfig(timestep_sampling="logit_normal", shift=5.0, first_frame_prob=0.2)
+
+    def sequence_parallel(self, preset: str) -> int | None:
+        return DIT_PRESETS[preset].num_heads
+
+    def units(self, name: str, module: nn.Module) -> list[nn.Module]:
+        return list(module.blocks)  # type: ignore[arg-type]
+
+    def sample_options(self, preset: str) -> list[SampleOption]:
+        return [SampleOption("shift", float, "noise schedule shift (default 5; 1 = no shift)"),
+                SampleOption("sampler", str, "solver (default unipc)", choices=("unipc", "euler"))]
+
+    def image_inputs(self, preset: str) -> dict[str, str]:
+        return {"image": "first frame (resized to cover the output size, then center-cropped)"}
 
     def preset_overrides(self, preset: str) -> dict[str, Any]:
         self.check_preset(preset)
@@ -92,10 +134,23 @@ class WanTI2VSpec(BackboneSpec):
     def default_steps(self, preset: str) -> int:
         return 10 if preset == "tiny" else 50  # 5b: upstream's 50
 
-    def save_checkpoint(self, comps: Components, out_dir: str | Path, source_dir: str | Path | None = None,
+    def default_guidance(self, preset: str) -> float:
+        return 5.0
+
+    def save_checkpoint(self, comps: Components, out_dir: str | Path, sources: Sources | None = None,
                         max_shard_bytes: int = 10 * 2**30) -> Path:
         from .export import save_checkpoint
+        source_dir = sources.ckpt_dir if sources is not None else None
         return save_checkpoint(comps, Path(out_dir), source_dir=source_dir, max_shard_bytes=max_shard_bytes)
+
+    def check_sources(self, preset: str, sources: Sources, parts: set[str]) -> None:
+        self.check_preset(preset)
+        super().check_sources(preset, sources, parts)
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        if sources.ckpt_dir is not None:
+            self.check_checkpoint(preset, sources.ckpt_dir, set(parts))
 
     # ------------------------------------------------------------------------------ building
     def component_specs(self, preset: str) -> dict[str, nn.Module]:
@@ -164,33 +219,27 @@ class WanTI2VSpec(BackboneSpec):
                 raise ValueError(f"{cfg_file}: {k}={cfg[k]} but preset {preset!r} expects {v}; "
                                  f"pick the preset that matches this checkpoint")
 
-    def build(self, preset: str, parts: set[str], ckpt_dir: str | Path | None = None,
+    def build(self, preset: str, parts: set[str], sources: Sources | str | Path | None = None,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Components:
-        self.check_preset(preset)
-        unknown = set(parts) - set(PARTS)
-        if unknown:
-            raise ValueError(f"unknown component(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
-        comps = Components()
+        if not isinstance(sources, Sources):
+            sources = Sources(ckpt_dir=Path(sources) if sources is not None else None)
+        # every check before any allocation (a random 5b text encoder would allocate 5.7B parameters first)
+        self.check_sources(preset, sources, set(parts))
+        comps: Components = {}
+        ckpt_dir = sources.ckpt_dir
         if ckpt_dir is None:
             if "dit" in parts:
-                comps.dit = self.random_dit(preset, device, dtype)
+                comps["dit"] = self.random_dit(preset, device, dtype)
             if "vae" in parts:
                 with _seeded(1):
-                    comps.vae = WanVAE(VAE_PRESETS[preset]).to(device)
+                    comps["vae"] = WanVAE(VAE_PRESETS[preset]).to(device).eval()
             if "text_encoder" in parts:
                 with _seeded(2):
                     enc = UMT5Encoder(T5_PRESETS[preset])
                     nn.init.normal_(enc.token_embedding.weight, std=1.0)
-                comps.text_encoder = enc.to(device).eval()
-                if preset != "tiny":
-                    raise ValueError("random text-encoder weights need a tokenizer; give --ckpt-dir for the 5b "
-                                     "preset")
-                comps.tokenizer = WanTokenizer.from_tokenizer(build_tiny_tokenizer())
-            if comps.vae is not None:
-                comps.vae.eval()
+                comps["text_encoder"] = enc.to(device).eval()
+                comps["tokenizer"] = WanTokenizer.from_tokenizer(build_tiny_tokenizer())
             return comps
-        ckpt_dir = Path(ckpt_dir)
-        self.check_checkpoint(preset, ckpt_dir, set(parts))
         layout = _layout(ckpt_dir)
         files = self._files(ckpt_dir, layout)
         metas = self.component_specs(preset)
@@ -198,7 +247,7 @@ class WanTI2VSpec(BackboneSpec):
             dit = metas["dit"]
             load_safetensors_into(dit, files["dit"](), dtype=dtype, device=device,
                                   rename=dit_from_diffusers if layout == "diffusers" else None)
-            comps.dit = dit
+            comps["dit"] = dit
         for part, rename in (("vae", vae_from_diffusers), ("text_encoder", t5_from_hf)):
             if part not in parts:
                 continue
@@ -211,9 +260,9 @@ class WanTI2VSpec(BackboneSpec):
                                       rename=lambda k, r=rename: _try(r, k))
             else:
                 load_state_dict_into(model, load_pth(src), str(src), dtype=part_dtype, device=device)
-            setattr(comps, part, model.eval())
+            comps[part] = model.eval()
         if "text_encoder" in parts:
-            comps.tokenizer = WanTokenizer(files["tokenizer"])
+            comps["tokenizer"] = WanTokenizer(files["tokenizer"])
         return comps
 
     def random_dit(self, preset: str, device: torch.device | str = "cpu",
@@ -231,16 +280,21 @@ class WanTI2VSpec(BackboneSpec):
     # ---------------------------------------------------------------------------------- data
     @torch.no_grad()
     def encode_video(self, comps: Components, video: torch.Tensor) -> torch.Tensor:
-        vae = comps.vae
-        assert vae is not None, "encode_video needs the VAE component"
+        """video [B, 3, F, H, W] in [-1, 1] -> latents [B, 48, f, h, w] float32."""
+        vae = comps["vae"]
         dev = next(vae.parameters()).device
         return vae.encode(video.to(dev)).float()
 
     @torch.no_grad()
-    def encode_text(self, comps: Components, prompts: list[str]) -> list[torch.Tensor]:
-        assert comps.text_encoder is not None and comps.tokenizer is not None, "encode_text needs the text encoder"
-        dev = next(comps.text_encoder.parameters()).device
-        return [c.float() for c in encode_prompts(comps.text_encoder, comps.tokenizer, prompts, device=dev)]
+    def encode_media(self, comps: Components, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"latents": self.encode_video(comps, item["video"][None])[0].cpu()}
+
+    @torch.no_grad()
+    def encode_text(self, comps: Components, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """texts -> {"context": [L_i, 4096]} each, trimmed to the real length (upstream)."""
+        enc = comps["text_encoder"]
+        dev = next(enc.parameters()).device
+        return [{"context": c.float().cpu()} for c in encode_prompts(enc, comps["tokenizer"], texts, device=dev)]
 
     @staticmethod
     def pad_context(context: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
@@ -252,55 +306,63 @@ class WanTI2VSpec(BackboneSpec):
         return out
 
     # ------------------------------------------------------------------------------ objective
-    def training_loss(self, dit: nn.Module, latents: torch.Tensor, context: list[torch.Tensor],
-                      sample_seeds: list[int], cfg: Any) -> torch.Tensor:
-        """Flow matching with TI2V first-frame conditioning; cfg is the TrainConfig.
+    def training_loss(self, models: dict[str, nn.Module], batch: Batch,
+                      cfg: flow.FlowObjectiveConfig) -> torch.Tensor:
+        """Flow matching with TI2V first-frame conditioning.
 
-        Sample i's σ, noise and conditioning coin come from a generator seeded with sample_seeds[i], so
+        Sample i's sigma, noise and conditioning coin come from a generator seeded with batch.seeds[i], so
         they do not depend on the batch layout or the number of processes."""
+        dit = models["dit"]
+        latents = batch.stack("latents")
         xs, ts, masks, targets = [], [], [], []
         dev = latents.device
-        for i, seed in enumerate(sample_seeds):
+        for i, seed in enumerate(batch.seeds):
             g = torch.Generator().manual_seed(seed)
             x0 = latents[i : i + 1].float()
             sigma = flow.sample_sigmas(1, g, mode=cfg.timestep_sampling, shift=cfg.shift,
                                        logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
             noise = torch.randn(x0.shape, generator=g).to(dev)
-            x_t, t_tok, mask, _ = flow.condition_training_batch(x0, noise, sigma.to(dev), cfg.ti2v_prob, g,
-                                                                patch=self.patch)
+            x_t, t_tok, mask, _ = flow.condition_training_batch(x0, noise, sigma.to(dev), cfg.first_frame_prob,
+                                                                g, patch=self.patch)
             xs.append(x_t)
             ts.append(t_tok)
             masks.append(mask)
             targets.append(flow.flow_target(x0, noise))
-        ctx = self.pad_context(context, dev)
+        ctx = self.pad_context(batch.fields["context"], dev)
         pred = dit(torch.cat(xs), torch.cat(ts), ctx)
         return flow.masked_mse(pred, torch.cat(targets), torch.cat(masks))
 
     # ------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample(self, comps: Components, prompts: list[str], *, negative_prompt: str | None = None,
-               image: torch.Tensor | None = None, frames: int = 121, height: int = 704, width: int = 1280,
-               steps: int = 50, guidance: float = 5.0, shift: float = 5.0, sampler: str = "unipc", seed: int = 0,
-               device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-               offload: bool = False, progress: bool = False) -> torch.Tensor:
-        """Text (+ first frame) to video. image [3, H, W] in [-1, 1] already at (height, width).
+    def sample(self, comps: Components, request: SampleRequest, *, device: torch.device | str = "cpu",
+               autocast_dtype: torch.dtype | None = None, offload: bool = False,
+               progress: bool = False) -> torch.Tensor:
+        """Text (+ first frame) to video; request.images["image"] [3, H, W] in [-1, 1] at (height, width).
         Returns [B, 3, frames, height, width] float32 in [-1, 1]."""
-        dit, vae = comps.dit, comps.vae
-        assert dit is not None and vae is not None and comps.text_encoder is not None
+        dit, vae = comps["dit"], comps["vae"]
+        prompts = request.prompts
+        if not prompts:
+            raise ValueError("backbone 'wan_ti2v' samples from text: give a prompt")
+        sampler = request.extras.get("sampler") or "unipc"
+        shift = request.extras.get("shift")
+        shift = 5.0 if shift is None else float(shift)
+        guidance = 5.0 if request.guidance is None else float(request.guidance)
         if sampler not in ("unipc", "euler"):
             raise ValueError(f"sampler {sampler!r} is not one of 'unipc', 'euler'")
         device = torch.device(device)
         b = len(prompts)
-        with _on(comps.text_encoder, device, offload):
-            context = self.pad_context(self.encode_text(comps, prompts), device)
+        with _on(comps["text_encoder"], device, offload):
+            context = self.pad_context([e["context"] for e in self.encode_text(comps, prompts)], device)
             uncond = None
             if guidance != 1.0:
-                neg = DEFAULT_NEGATIVE_PROMPT if not negative_prompt else negative_prompt
-                uncond = self.pad_context(self.encode_text(comps, [neg] * b), device)
+                neg = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
+                uncond = self.pad_context([e["context"] for e in self.encode_text(comps, [neg] * b)], device)
         z = vae.cfg.z_dim
+        frames, height, width = request.frames, request.height, request.width
         shape = (b, z, (frames - 1) // 4 + 1, height // 16, width // 16)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(request.seed)).to(device)
         condition, mask = None, None
+        image = request.images.get("image")
         if image is not None:
             with _on(vae, device, offload):
                 z_first = self.encode_video(comps, image[None, :, None].expand(b, -1, -1, -1, -1).to(device))
@@ -318,7 +380,7 @@ class WanTI2VSpec(BackboneSpec):
                                       guidance)
         solver = flow.FlowUniPCSampler(shift=shift) if sampler == "unipc" else flow.FlowEulerSampler(shift=shift)
         with _on(dit, device, offload), amp:
-            latents = solver.sample(model_fn, noise, steps, condition=condition, progress=progress)
+            latents = solver.sample(model_fn, noise, steps=request.steps, condition=condition, progress=progress)
         with _on(vae, device, offload):
             return vae.decode(latents.to(next(vae.parameters()).dtype)).float()
 

@@ -7,7 +7,7 @@ saved with torch.save and read back with weights_only=True.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import random
 import re
 import shutil
@@ -16,6 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_folder, atomic_write
+
+log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -37,6 +42,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints (a step-N folder holding state.json) under `root`, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -45,49 +51,108 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """`latest` -> newest complete checkpoint under root (None if there is none); else a path."""
+def sweep_leftovers(root: str | Path) -> list[Path]:
+    """Remove what a killed writer leaves behind: temporary `.step-N.*.tmp` folders and step-N folders without
+    state.json (killed while pruning). Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in root.iterdir():
+        if p.is_dir() and ((p.name.startswith(".step-") and ".tmp" in p.name)
+                           or (_STEP_DIR.match(p.name) and not (p / "state.json").is_file())):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def check_checkpoint(path: Path, files: tuple[str, ...]) -> None:
+    """ValueError naming the first file of checkpoint `path` that is missing or unreadable."""
+    try:
+        load_state(path)
+        for name in files:
+            f = path / name
+            if not f.is_file():
+                raise ValueError(f"checkpoint file {f} is missing")
+            if f.suffix == ".safetensors":
+                load_safetensors(f)
+            else:
+                load_tensors(f)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any decoding failure means a damaged file)
+        raise ValueError(f"checkpoint {path} is damaged: {e}") from e
+
+
+def resolve_resume(resume: str, root: str | Path, files: tuple[str, ...] = ()) -> Path | None:
+    """`latest` -> the newest intact checkpoint under root (None if there is none; damaged newer ones are
+    reported and passed over); else that checkpoint path, which must be intact."""
     if resume == "latest":
-        ckpts = list_checkpoints(root)
-        return ckpts[-1] if ckpts else None
+        for p in reversed(list_checkpoints(root)):
+            try:
+                check_checkpoint(p, files)
+                return p
+            except ValueError as e:
+                log.warning("%s; falling back to the checkpoint before it", e)
+        return None
     p = Path(resume)
     if not (p / "state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected a step-N folder with "
                                 f"state.json, or 'latest')")
+    check_checkpoint(p, files)
     return p
 
 
 def save_checkpoint(root: str | Path, step: int, files: dict[str, Any], state: dict[str, Any],
                     keep_last: int = 2) -> Path:
-    """Write `root/step-N/` atomically: a temp folder renamed into place, then prune old ones.
+    """Write `root/step-N/` atomically (a temporary folder renamed into place), then prune old ones.
 
-    files: name -> callable(path) that writes the file (e.g. the LoRA), or a picklable tensor dict.
-    state: JSON-serializable run state (step, data position, config...)."""
+    files: name -> callable(path) that writes the file (e.g. the LoRA), or a tensor dict (torch.save, read back
+    with weights_only=True). state: JSON-serializable run state (step, data position, config...)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, content in files.items():
-        if callable(content):
-            content(tmp / name)
-        else:
-            torch.save(content, tmp / name)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        for name, content in files.items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                torch.save(content, tmp / name)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    final = atomic_folder(root / f"step-{step}", write)
     if keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
+            # state.json first: a kill mid-prune leaves a folder that list_checkpoints ignores and the sweep removes
+            (old / "state.json").unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+    sweep_leftovers(root)
     return final
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "state.json").read_text())
+    f = Path(path) / "state.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint file {f} is unreadable ({e})") from e
 
 
 def load_tensors(path: str | Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (zip, pickle and I/O errors all mean the same here)
+        raise ValueError(f"checkpoint file {path} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file, written atomically."""
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 (SafetensorError, OSError)
+        raise ValueError(f"checkpoint file {path} is unreadable ({e})") from e

@@ -17,25 +17,73 @@ import yaml
 from ..data import DataConfig
 
 
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"config key {key!r} = {value!r} is invalid: expected {expected}")
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
 @dataclass
 class ModelConfig:
-    backbone: str = "wan_ti2v"
+    backbone: str = ""                    # "" = the registry's default backbone
     preset: str = "tiny"
-    ckpt_dir: str | None = None          # official checkpoint folder; None = random weights (tiny only)
-    dtype: str = "auto"                  # base weights: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    ckpt_dir: str | None = None          # official checkpoint folder; None = random weights (random presets only)
+    sources: dict[str, str] = field(default_factory=dict)   # further named weight sources the backbone declares
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # base weights: auto = bf16 on GPU, fp32 on CPU
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
 
 
 @dataclass
 class LoRAConfig:
-    targets: list[str] | None = None     # None = the backbone's defaults
-    exclude: list[str] | None = None
+    """LoRA settings of the backbone's primary trained component (and defaults of the others)."""
+
+    targets: str | list[str] | None = None   # None = the backbone's defaults; a string is a regex (PEFT rules)
+    exclude: str | list[str] | None = None
     rank: int = 32
     alpha: float = 32.0
     dropout: float = 0.0
     use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)     # module pattern -> rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module pattern -> alpha
     init_from: str | None = None         # start from an existing LoRA file
     save_format: Literal["comfyui", "native", "diffusers", "kohya"] = "comfyui"
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise _bad("lora.rank", self.rank, "a positive integer, e.g. 16 or 32")
+        if not (self.alpha > 0 and _finite(self.alpha)):
+            raise _bad("lora.alpha", self.alpha, "a positive number, e.g. the rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise _bad("lora.dropout", self.dropout, "a probability in [0, 1), e.g. 0.05")
+        for k, v in self.rank_pattern.items():
+            if v <= 0:
+                raise _bad(f"lora.rank_pattern.{k}", v, "a positive integer")
+        for k, v in self.alpha_pattern.items():
+            if not (v > 0 and _finite(v)):
+                raise _bad(f"lora.alpha_pattern.{k}", v, "a positive number")
+
+
+@dataclass
+class ComponentConfig:
+    """How one component trains; unset values fall back to the `lora` section and the backbone's defaults."""
+
+    mode: Literal["lora", "full", "frozen"] | None = None
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    lr: float | None = None              # learning rate of this component's parameters (default optim.lr)
+    full_patterns: list[str] | None = None   # "full" mode: regexes of the parameter names trained
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank <= 0:
+            raise _bad("components.*.rank", self.rank, "a positive integer")
+        if self.alpha is not None and not (self.alpha > 0 and _finite(self.alpha)):
+            raise _bad("components.*.alpha", self.alpha, "a positive number")
+        if self.lr is not None and not (self.lr >= 0 and _finite(self.lr)):
+            raise _bad("components.*.lr", self.lr, "a learning rate >= 0, e.g. 1e-4")
 
 
 @dataclass
@@ -50,28 +98,46 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0            # cosine floor, as a fraction of lr
 
+    def validate(self) -> None:
+        if not (self.lr >= 0 and _finite(self.lr)):
+            raise _bad("optim.lr", self.lr, "a learning rate >= 0, e.g. 1e-4")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise _bad("optim.betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if not (self.eps > 0 and _finite(self.eps)):
+            raise _bad("optim.eps", self.eps, "a small positive number, e.g. 1e-8")
+        if not (self.weight_decay >= 0 and _finite(self.weight_decay)):
+            raise _bad("optim.weight_decay", self.weight_decay, "a number >= 0, e.g. 0.01")
+        if not (self.grad_clip >= 0 and _finite(self.grad_clip)):
+            raise _bad("optim.grad_clip", self.grad_clip, "a norm >= 0 (0 disables clipping)")
+        if self.warmup_steps < 0:
+            raise _bad("optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise _bad("optim.min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
+
 
 @dataclass
 class TrainConfig:
-    output: str = "runs/wan_ti2v_tiny"
+    output: str = ""                     # "" = runs/<backbone>_<preset>
     max_steps: int = 30
     batch_size: int = 1                  # per data-parallel rank
     grad_accum: int = 1
     seed: int = 0
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+    mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool | None = None                  # None = the preset's default
     offload_activations: bool = False
-    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    shift: float = 5.0
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    ti2v_prob: float = 0.2               # probability that a sample is conditioned on its clean first frame
     skip_nonfinite: bool = False
     log_every: int = 1
     ckpt_every: int = 0                  # 0 = only at the end / on interrupt
     keep_last: int = 2
     cache_dir: str | None = None         # default: <output>/cache
-    num_workers: int = 0
+    prefetch: int = 2                    # micro-batches read ahead from the cache by a background thread (0: none)
+
+    def validate(self) -> None:
+        for name, lo in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 0),
+                         ("ckpt_every", 0), ("keep_last", 0), ("prefetch", 0)):
+            v = getattr(self, name)
+            if v < lo:
+                raise _bad(f"train.{name}", v, f"an integer >= {lo}")
 
 
 @dataclass
@@ -79,29 +145,45 @@ class ParallelConfig:
     mode: Literal["ddp", "fsdp"] = "ddp"
     ulysses: int = 1
 
+    def validate(self) -> None:
+        if self.ulysses < 1:
+            raise _bad("parallel.ulysses", self.ulysses, "an integer >= 1")
+
 
 @dataclass
 class ValidationConfig:
     every: int = 0                       # 0 = no validation samples
     prompts: list[str] = field(default_factory=list)
-    image: str | None = None
+    images: dict[str, str] = field(default_factory=dict)   # named input images the backbone declares
     frames: int = 17
     height: int = 64
     width: int = 64
     steps: int = 10
-    guidance: float = 5.0
+    guidance: float | None = None        # None = the backbone's default
     seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)   # backbone sampling options (e.g. shift)
+
+    def validate(self) -> None:
+        for name, lo in (("every", 0), ("frames", 1), ("height", 1), ("width", 1), ("steps", 1)):
+            v = getattr(self, name)
+            if v < lo:
+                raise _bad(f"validation.{name}", v, f"an integer >= {lo}")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    components: dict[str, ComponentConfig] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    objective: Any = None                # the backbone's objective section (a dataclass once resolved)
+
+
+SECTIONS = ("model", "lora", "components", "data", "optim", "train", "parallel", "validation", "objective")
 
 
 # ---------------------------------------------------------------------------------------- checking

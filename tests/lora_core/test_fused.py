@@ -220,28 +220,6 @@ def test_forward_is_three_gemms_no_extra_kernels() -> None:
     assert compute.count("mm") == 4, bwd.ops
 
 
-@pytest.mark.parametrize("drop", [0.0, 0.3])
-def test_qkv_matches_separate_projections(drop: float) -> None:
-    """One fused call == three lora_linear calls (with dropout: the same seed, i.e. the shared mask)."""
-    torch.manual_seed(5)
-    ps = [_params(seed=i) for i in range(3)]
-    ps[1]["lora_A"] = ps[1]["lora_A"][:4].detach().requires_grad_()  # ranks may differ
-    ps[1]["lora_B"] = ps[1]["lora_B"][:, :4].detach().requires_grad_()
-    scales = [0.5, 1.0, 2.0]
-    x = torch.randn(2, 13, D_IN, requires_grad=True)
-    projs = [(q["weight"], q["bias"], q["lora_A"], q["lora_B"], s) for q, s in zip(ps, scales)]
-    ys = fused.lora_linear_qkv(x, projs, drop, dropout_seed=9)
-    dys = [torch.randn_like(y) for y in ys]
-    leaves = [x] + [t for q in ps for t in q.values() if t is not None and t.requires_grad]
-    got = torch.autograd.grad(ys, leaves, dys)
-    ys_ref = [fused.lora_linear(x, *proj, drop, dropout_seed=9) for proj in projs]
-    want = torch.autograd.grad(ys_ref, leaves, dys)
-    for a, b in zip(ys, ys_ref):
-        _close(a, b)
-    for a, b in zip(got, want):
-        _close(a, b)
-
-
 def test_no_grad_path_equals_grad_path() -> None:
     p = _params()
     x = torch.randn(9, D_IN)
