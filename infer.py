@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
+import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,8 +223,13 @@ def _check_output(output: str, kind: str) -> None:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ValueError(f"--output {output}: cannot write into {probe}; pick a writable place")
+    if not probe.is_dir():
+        raise ValueError(f"--output {output}: {probe} is a file, not a folder; pick another path")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {output}: cannot write into {probe} ({e.strerror}); pick a writable place") from e
 
 
 def _check_frames(n: int, rules: MediaRules) -> int:

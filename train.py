@@ -95,6 +95,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, BackboneSpec]:
         cfg.train.output = f"runs/{spec.name}_{preset}"
     cfg.objective = objective_from_dict(spec.objective_config(preset), cfg.objective)
     cfg.data = resolve_data_config(cfg.data, spec.media_rules(preset))
+    cfg.data.captions = spec.uses_text
+    conditions = [c.name for c in spec.conditions(preset)]
+    for name in cfg.data.condition_dropout:
+        if name not in conditions:
+            raise ValueError(f"data.condition_dropout.{name}: backbone {spec.name!r} has no droppable condition "
+                             f"{name!r}; its conditions: {', '.join(conditions) or 'none'}")
     if cfg.train.gradient_checkpointing is None:
         cfg.train.gradient_checkpointing = False
     return cfg, spec
@@ -168,11 +174,9 @@ def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: 
             built[kind] = spec.build(preset, parts, sources_of(cfg), device=device, dtype=model_dtype(cfg, device))
         return built[kind]
 
-    media: dict[int, str] = {}
     if "media" in kinds:
         build_media_cache(dataset, cache, ids["media"], lambda item: spec.encode_media(encoders("media"), item),
                           rank=info.rank, world=info.world_size, progress=info.is_main)
-        media = media_keys(dataset, cache, ids["media"])
     text: dict[int, str] = {}
     empty = None
     if "text" in kinds:
@@ -186,9 +190,11 @@ def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     parallel.barrier(info)
-    # a sample that failed to encode (on any rank) has no entry: it is left out, and said so once
-    usable = [i for i in range(len(dataset)) if (i not in media or cache.has(media[i]))
-              and (i not in text or cache.has(text[i]))]
+    # after the barrier: the other ranks' file hashes are read from the shared content index
+    media = media_keys(dataset, cache, ids["media"], progress=info.is_main) if "media" in kinds else {}
+    # a sample that failed to encode (on any rank) or whose file vanished has no entry: it is left out
+    usable = [i for i in range(len(dataset)) if ("media" not in kinds or (i in media and cache.has(media[i])))
+              and ("text" not in kinds or (i in text and cache.has(text[i])))]
     left = len(dataset) - len(usable)
     if left:
         log.warning("%d sample(s) could not be encoded and are left out (see the warnings above)", left)
@@ -262,7 +268,7 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
 def gathered(trainer: Trainer, writeback: bool = False) -> contextlib.ExitStack:
     """Every trained tensor full and plain inside the block (FSDP2: a collective, every rank enters)."""
     stack = contextlib.ExitStack()
-    gather = getattr(parallel, "full_trainable", None) or parallel.full_lora
+    gather = parallel.full_trainable
     for m in trainer.models.values():
         stack.enter_context(gather(m, writeback=writeback))
     return stack
@@ -527,7 +533,7 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                 log.info("checkpoint written: %s", path)
         parallel.barrier(info)
 
-    sync = getattr(parallel, "gradient_sync", None)
+    sync = parallel.gradient_sync
     for m in trainer.models.values():
         m.train()
     bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
@@ -544,7 +550,7 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                     batch = reader.get(micro, plan).to(device)
                     last = a == cfg.train.grad_accum - 1
                     no_sync = contextlib.ExitStack()
-                    if sync is not None and not last:  # gradients are all-reduced once per optimizer step
+                    if not last:  # gradients are all-reduced once per optimizer step
                         for w in trainer.wrapped.values():
                             no_sync.enter_context(sync(w, False))
                     with no_sync, fused.dropout_scope([dropout_seed(s) for s in batch.seeds]), \

@@ -1,11 +1,13 @@
 """Saving and loading LoRA files (safetensors only, never pickle) in the formats the ecosystem reads.
 
-| format    | keys (P = the component's prefix for that format)                                 | scale        |
+| format    | keys (P = the component's prefix in that format; a lone model's default P)       | scale        |
 |-----------|-----------------------------------------------------------------------------------|--------------|
-| native    | `P<name>.lora_A`, `P<name>.lora_B`, `P<name>.alpha` (P "" for a lone model)       | alpha / rank |
+| native    | `P<name>.lora_A`, `P<name>.lora_B`, `P<name>.alpha` (P "")                        | alpha / rank |
 | comfyui   | `P<name>.lora_A.weight` / `.lora_B.weight` / `.alpha` (P `diffusion_model.`)      | alpha / rank |
-| diffusers | `P<diffusers name>.lora_A.weight` / `.lora_B.weight` (PEFT layout, P `transformer.`; no alpha: the scale is folded into B) | 1 |
+| diffusers | `P<diffusers name>.lora_A.weight` / `.lora_B.weight` (P `transformer.`)           | 1 (in B)     |
 | kohya     | `P<name with . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (P `lora_unet_`) | alpha / rank |
+
+diffusers files carry no alpha (PEFT layout): PEFT readers assume alpha == rank, so the scale is folded into B.
 
 A file may hold several components (an SD UNet and its CLIP text encoder, a UNet and a ControlNet): each
 has a `LoRANaming` giving its prefix per format, e.g. kohya `lora_unet_` / `lora_te_`, diffusers `unet.` /
@@ -115,8 +117,9 @@ def _resolve(model_or_components: nn.Module | Mapping[str, nn.Module], naming: N
         if naming is None:
             km = key_map or getattr(model, "lora_key_map", None)
             naming = LoRANaming.default(km, diffusers=km.prefix if km is not None else "transformer.")
-        elif key_map is not None:
-            naming = dataclasses.replace(naming, key_map=key_map)
+        elif key_map is not None or naming.key_map is None:  # a naming without a map keeps the model's
+            km = key_map or getattr(model, "lora_key_map", None)
+            naming = dataclasses.replace(naming, key_map=km) if km is not None else naming
         return {_SINGLE: model}, {_SINGLE: naming}, True
     if not isinstance(model_or_components, Mapping) or not model_or_components:
         raise ValueError(f"expected an nn.Module or a non-empty dict of them, got {model_or_components!r:.80}")
@@ -246,7 +249,8 @@ def save_lora(model_or_components: nn.Module | Mapping[str, nn.Module], path: st
 class LoRAFile:
     """A parsed LoRA file. `modules`: (prefix, module name in the file's naming) -> A [r, fan_in],
     B [out, r], alpha; `components`: prefix -> the component that reads it (when read with a naming);
-    `unsupported`: keys this engine does not apply, `foreign` those of them that belong to another format."""
+    `unsupported`: keys this engine does not apply, `foreign` those of them that belong to another format;
+    `counts`: format -> number of keys it explains (the largest decides `format`)."""
 
     path: str
     format: str
@@ -286,31 +290,38 @@ def _resolve_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     return p, (json.loads(cfg.read_text()) if cfg.is_file() else None)
 
 
-def _classify(key: str, candidates: Sequence[tuple[str, str, bool]]) -> tuple[str, str, str, str] | None:
-    """(format, prefix, role, module name) of a key, or None when it is no LoRA A/B/alpha key.
-
-    The longest matching prefix wins (so `unet.` beats the native ""), then a naming's prefix over the
-    generic table, then a real format over native, which is what is left when nothing else fits."""
+def _split(key: str) -> tuple[str, str, frozenset[str]] | None:
+    """(key without its LoRA tail, role, formats writing that tail), or None for no LoRA A/B/alpha key."""
     for pattern, role, formats in _ROLES:
         m = re.search(pattern, key)
         if m:
-            break
+            return key[:m.start()], role, formats
+    return None
+
+
+def _classify(body: str, formats: frozenset[str], candidates: Sequence[tuple[str, str, bool]],
+              sibling: tuple[str, str] | None) -> tuple[str, str, str] | None:
+    """(format, prefix, module name) of a key's body.
+
+    The longest matching prefix wins (so `unet.` beats the native ""), then a naming's prefix over the
+    generic table, then a real format over native, which is what is left when nothing else fits. An alpha
+    key has no tail of its own format, so it follows its module's A/B keys (`sibling`) when there are any."""
+    if sibling is not None:
+        fmt, prefix = sibling
     else:
-        return None
-    body = key[:m.start()]
-    best: tuple[tuple[int, bool, bool], str, str] | None = None
-    for fmt, prefix, own in candidates:
-        if fmt in formats and body.startswith(prefix) and len(body) > len(prefix):
-            rank = (len(prefix), own, fmt != "native")
-            if best is None or rank > best[0]:
-                best = (rank, fmt, prefix)
-    if best is None:
-        return None
-    _, fmt, prefix = best
+        best: tuple[tuple[int, bool, bool], str, str] | None = None
+        for fmt, prefix, own in candidates:
+            if fmt in formats and body.startswith(prefix) and len(body) > len(prefix):
+                rank = (len(prefix), own, fmt != "native")
+                if best is None or rank > best[0]:
+                    best = (rank, fmt, prefix)
+        if best is None:
+            return None
+        _, fmt, prefix = best
     stem = body[len(prefix):]
     if fmt == "kohya":
         stem = stem.lstrip("_")  # Wan-Fun files use lora_unet__blocks_...
-    return fmt, prefix, role, stem
+    return fmt, prefix, stem
 
 
 def _as_namings(naming: Namings | None) -> dict[str, LoRANaming]:
@@ -338,12 +349,22 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
         try:
             adapter_meta = json.loads(metadata["lora_adapter_metadata"])
         except json.JSONDecodeError as e:
-            raise ValueError(f"LoRA file {p} has unreadable lora_adapter_metadata JSON ({e}); re-save it "
-                             "or strip that metadata entry") from e
+            adapter_meta = e
+        if not isinstance(adapter_meta, dict):
+            raise ValueError(f"LoRA file {p} has lora_adapter_metadata that is no JSON object ({adapter_meta}); "
+                             "re-save it or strip that metadata entry")
     namings = _as_namings(naming)
     candidates = [(fmt, prefix, True) for n in namings.values() for fmt, prefix in n.prefixes.items()]
     candidates += [(fmt, prefix, False) for fmt, prefix in _GENERIC_PREFIXES]
-    classified = {k: c for k in tensors if (c := _classify(k, candidates)) is not None}
+    split = {k: sp for k in tensors if (sp := _split(k)) is not None}
+    classified: dict[str, tuple[str, str, str, str]] = {}
+    by_body: dict[str, tuple[str, str]] = {}
+    for key in sorted(split, key=lambda k: split[k][1] == "alpha"):  # A/B keys first, their alphas follow
+        body, role, formats = split[key]
+        c = _classify(body, formats, candidates, by_body.get(body) if role == "alpha" else None)
+        if c is not None:
+            classified[key] = (c[0], c[1], role, c[2])
+            by_body.setdefault(body, (c[0], c[1]))
     counts = Counter(c[0] for c in classified.values())
     fmt = max(_READ_FORMATS, key=lambda f: (counts[f], -_READ_FORMATS.index(f))) if counts else "native"
     lf = LoRAFile(str(p), fmt, metadata, peft_config=peft_cfg, adapter_metadata=adapter_meta,

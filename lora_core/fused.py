@@ -66,14 +66,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------ dropout masks
-# Counter-based hash: splitmix64's finalizer (Steele et al. 2014), on int64 tensors. Multiplication wraps
-# modulo 2^64 on every torch backend; right shifts of negative int64 are arithmetic, hence the masks
-# after each shift that make them logical.
+# Counter-based hash: splitmix64's finalizer (Steele, Lea & Flood 2014, with Stafford's Mix13 constants
+# as in java.util.SplittableRandom), on int64 tensors. Multiplication wraps modulo 2^64 on every torch
+# backend; right shifts of negative int64 are arithmetic, hence the masks after each shift that make
+# them logical (uint64 tensors would not need them, but CPU torch has no uint64 right shift).
 _M64 = (1 << 64) - 1
 _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _COL = 0x9E3779B97F4A7C15   # Weyl increments: features and positions step the hash input by these
 _ROW = 0xD6E8FEB86659FD93
-# Elements per chunk of rows: bounds the two int64 temporaries to 256 MiB however large x is.
+# Elements per chunk of rows: bounds the two int64 temporaries to 2 x 128 MiB however large x is.
 _CHUNK = 1 << 24
 
 

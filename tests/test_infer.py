@@ -130,7 +130,7 @@ def test_load_image_covers_and_center_crops(tmp_path: Path) -> None:
 def test_causal_vae_frame0_depends_on_latent_frame0_only() -> None:
     """Why the next test may decode the image latent alone: the decoder's first chunk is latent frame 0."""
     spec = get_backbone("wan_ti2v")
-    vae = spec.build("tiny", {"vae"}).vae
+    vae = spec.build("tiny", {"vae"})["vae"]
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, vae.cfg.z_dim, 3, 4, 4, generator=g)
     z2 = z.clone()
@@ -145,12 +145,13 @@ def test_causal_vae_frame0_depends_on_latent_frame0_only() -> None:
 def test_image_conditioning_keeps_the_first_frame(tmp_path: Path, lora: Path,
                                                   videos: dict[str, torch.Tensor]) -> None:
     req = resolve("--image", str(_image(tmp_path / "first.png", 120, 80)), "--lora", str(lora))
-    assert req.image is not None and req.image.shape == (3, 64, 64)
+    image = req.sample.images.get("image")
+    assert image is not None and image.shape == (3, 64, 64)
     video = infer.generate(req)
     assert video is not None
     spec = get_backbone("wan_ti2v")
     comps = spec.build("tiny", {"vae"})
-    first = comps.vae.decode(spec.encode_video(comps, req.image[None, :, None]))[0, :, 0]  # [3, H, W]
+    first = comps["vae"].decode(spec.encode_video(comps, image[None, :, None]))[0, :, 0]  # [3, H, W]
     assert torch.allclose(video[:, 0], first, atol=1e-5)
     assert (videos["lora"][:, 0] - first).abs().max() > 1e-2  # unconditioned: a different first frame
     assert (video[:, 1:] - videos["lora"][:, 1:]).abs().max() > 1e-3
@@ -201,20 +202,21 @@ def test_mp4_gif_and_frames(tmp_path: Path) -> None:
 def test_defaults_follow_the_preset() -> None:
     spec = get_backbone("wan_ti2v")
     req = infer.resolve(infer.parse_args(["--prompt", "x", "--device", "cpu"]))
-    assert (req.frames, req.height, req.width, req.steps) == (17, 64, 64, 10)
-    assert req.sample_kwargs == {}  # guidance 5 / shift 5 / upstream negative prompt: spec.sample's defaults
+    s = req.sample
+    assert (s.frames, s.height, s.width, s.steps) == (17, 64, 64, 10)
+    assert s.extras == {} and s.guidance is None  # guidance 5 / shift 5 / upstream negative: spec.sample's defaults
     rules = spec.media_rules("5b")
     assert (rules.default_frames, rules.default_width, rules.default_height) == (121, 1280, 704)
-    assert infer.default_steps(spec, "5b") == 50
+    assert spec.default_steps("5b") == 50
     assert infer.parse_size("1280x704") == (704, 1280) and infer.parse_size("1280*704") == (704, 1280)
 
 
 def test_sizes_and_frames_are_corrected_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="infer"):
         req = resolve("--frames", "10", "--size", "70x50")
-    assert (req.frames, req.height, req.width) == (9, 64, 64)
+    assert (req.sample.frames, req.sample.height, req.sample.width) == (9, 64, 64)
     text = caplog.text
-    assert "--frames 10 is not 4n+1; using 9" in text
+    assert "--frames 10 is not a valid frame count (4n+1); using 9" in text
     assert "width 70 is not a multiple of 32; using 64" in text and "height 50" in text
 
 
@@ -287,3 +289,17 @@ def test_cuda_bf16_merge_and_offload(lora: Path) -> None:
     assert un.shape == merged.shape == offload.shape == (3, 9, 64, 64)
     assert (un - merged).abs().mean() < 2e-2       # bf16 rounding of the merged weights
     assert (merged - offload).abs().mean() < 1e-2  # merged on the CPU vs on the GPU: last-bit differences
+
+
+def test_unwritable_output_fails_before_any_build(no_build: None, tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"file\.txt is a file"):
+        infer.main([*FAST, "--output", str(tmp_path / "file.txt" / "out.mp4")])
+
+
+def test_options_come_from_the_backbone() -> None:
+    args = infer.parse_args(["--backbone", "wan_ti2v", "--prompt", "x", "--shift", "3", "--sampler", "euler"])
+    req = infer.resolve(args)
+    assert req.sample.extras == {"shift": 3.0, "sampler": "euler"}
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--backbone", "wan_ti2v", "--prompt", "x", "--sampler", "ddim"])

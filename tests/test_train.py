@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 import train
 from backbones.registry import get_backbone
 from lora_core import load_lora, read_lora
-from lora_core.runtime.config import TrainConfig, load_config
+from backbones.objectives.flow import FlowObjectiveConfig
+from backbones.spec import Batch
+from lora_core.distributed import DistInfo
+from lora_core.runtime.config import load_config
 from lora_core.data.sample_data import make_sample_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,16 +44,28 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl")]
 
 
-def _eval_loss(dit, cache_dir):
+def _cached_samples(shared):
+    """(latents, context) of every sample, read through the trainer's own cache lookup."""
+    data, cache = shared
+    cfg, spec = train.resolve_config(train.parse_args(["--preset", "tiny", "--data", str(data),
+                                                       f"train.cache_dir={cache}"]))
+    info = DistInfo()
+    ds = train.prepare_dataset(cfg, spec, info)
+    cached = train.prepare_cache(cfg, spec, ds, info, torch.device("cpu"))
+    return [(cached.cache.get(cached.media[i])["latents"], cached.cache.get(cached.text[i])["context"])
+            for i in cached.usable]
+
+
+def _eval_loss(dit, shared):
     """Mean flow-matching loss over every cached sample with fixed draws (no conditioning)."""
     spec = get_backbone("wan_ti2v")
-    entries = [e for e in (load_file(str(f)) for f in sorted(Path(cache_dir).rglob("*.safetensors")))
-               if "latents" in e]
+    entries = _cached_samples(shared)
     assert entries
-    cfg = TrainConfig(ti2v_prob=0.0)
+    cfg = FlowObjectiveConfig(first_frame_prob=0.0)
     with torch.no_grad():
-        vals = [spec.training_loss(dit, e["latents"][None], [e["context"]], [900 + k], cfg).item()
-                for e in entries for k in range(6)]
+        vals = [spec.training_loss({"dit": dit}, Batch({"latents": [lat], "context": [ctx]}, [{}], [900 + k]),
+                                   cfg).item()
+                for lat, ctx in entries for k in range(6)]
     return sum(vals) / len(vals)
 
 
@@ -68,9 +83,9 @@ def test_embedded_default_trains_and_loss_falls(shared, tmp_path):
     assert saved.train.max_steps == 60 and saved.optim.lr == pytest.approx(1e-3)
     spec = get_backbone("wan_ti2v")
     dit = spec.random_dit("tiny")
-    before = _eval_loss(dit, shared[1])
+    before = _eval_loss(dit, shared)
     load_lora(dit, lora)
-    after = _eval_loss(dit, shared[1])
+    after = _eval_loss(dit, shared)
     assert after < 0.75 * before, (before, after)
 
 
@@ -121,12 +136,36 @@ def test_config_errors_name_the_key(shared, tmp_path):
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 8.0 and cfg.optim.lr == pytest.approx(1e-4)
 
 
-def test_adamw8bit_and_grad_accum(shared, tmp_path):
+def test_adamw8bit_and_grad_accum(shared, tmp_path, monkeypatch):
+    """grad_accum=2: two forwards per optimizer step, the logged loss is their mean, and the optimizer steps once
+    per step (an ignored grad_accum fails each of these)."""
     pytest.importorskip("bitsandbytes")
+    spec = get_backbone("wan_ti2v")
+    real = type(spec).training_loss
+    micro_losses: list[float] = []
+
+    def recording(self, *a, **k):
+        loss = real(self, *a, **k)
+        micro_losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(type(spec), "training_loss", recording)
+    import bitsandbytes as bnb
+    real_step = bnb.optim.AdamW8bit.step
+    steps = {"n": 0}
+
+    def counting(self, *a, **k):
+        steps["n"] += 1
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "step", counting)
     out = tmp_path / "bnb"
     assert _run(shared, out, "--max-steps", "3", "optim.name=adamw8bit", "train.grad_accum=2",
                 "--batch-size", "2") == 0
-    assert len(_losses(out)) == 3 and all(map(lambda x: x == x, _losses(out)))
+    logged = _losses(out)
+    assert len(micro_losses) == 6 and steps["n"] == 3
+    assert logged == pytest.approx([(micro_losses[2 * i] + micro_losses[2 * i + 1]) / 2 for i in range(3)],
+                                   rel=1e-6)
 
 
 def test_nonfinite_loss_stops_or_skips(shared, tmp_path, monkeypatch):
@@ -181,7 +220,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_continues(shared, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     last = steps[-1]
-    assert (out / "checkpoints" / f"step-{last}" / "lora.safetensors").is_file()
+    assert (out / "checkpoints" / f"step-{last}" / "trainable.safetensors").is_file()
     assert _run(shared, out, "--max-steps", str(last + 2), "--resume", "latest") == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-2:] == [last + 1, last + 2]
@@ -194,3 +233,84 @@ def test_validation_samples_are_written_as_mp4(shared, tmp_path):
                 "validation.steps=2", "validation.frames=9", "validation.height=32", "validation.width=64") == 0
     video = read_video(out / "samples" / "step000002_0.mp4")
     assert video.shape == (9, 32, 64, 3)
+
+
+def test_fresh_run_truncates_metrics_and_resume_cuts_them_back(shared, tmp_path):
+    out = tmp_path / "m"
+    assert _run(shared, out, "--max-steps", "4", "train.ckpt_every=2") == 0
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    # a kill after step 4's row but before its checkpoint: resume from step 2 cuts rows 3-4, then logs 3-5
+    import shutil
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    assert _run(shared, out, "--max-steps", "5", "--resume", "latest") == 0
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_changed_data_order(shared, tmp_path):
+    out = tmp_path / "order"
+    assert _run(shared, out, "--max-steps", "2", "train.ckpt_every=1") == 0
+    with pytest.raises(ValueError, match=r"grad_accum: 1 -> 2"):
+        _run(shared, out, "--max-steps", "4", "--resume", "latest", "train.grad_accum=2")
+    with pytest.raises(ValueError, match=r"global_batch: 1 -> 2"):
+        _run(shared, out, "--max-steps", "4", "--resume", "latest", "--batch-size", "2")
+    with pytest.raises(ValueError, match="lora.alpha"):
+        _run(shared, out, "--max-steps", "4", "--resume", "latest", "lora.alpha=8")
+    with pytest.raises(ValueError, match="mis-shaped"):
+        _run(shared, out, "--max-steps", "4", "--resume", "latest", "lora.rank=8", "lora.alpha=8")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("lora.rank=0", "lora.rank"), ("lora.alpha=-1", "lora.alpha"), ("optim.lr=-1e-4", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"), ("optim.betas=[0.9]", "optim.betas"), ("optim.betas=[0.9, 1.0]", "optim.betas"),
+    ("train.grad_accum=0", "train.grad_accum"), ("train.ckpt_every=-1", "train.ckpt_every"),
+    ("train.max_steps=0", "train.max_steps"), ("optim.warmup_steps=-2", "optim.warmup_steps"),
+    ("objective.first_frame_prob=2", "objective.first_frame_prob"), ("lora.dropout=1.5", "lora.dropout"),
+])
+def test_every_numeric_field_is_checked_before_any_work(tmp_path, override, key, monkeypatch):
+    spec = get_backbone("wan_ti2v")
+    monkeypatch.setattr(type(spec), "build", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train.main(["--preset", "tiny", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o"), override])
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_regex_target_and_patterns_reach_injection(shared, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text('lora:\n  targets: "blocks\\\\.0\\\\.self_attn\\\\.(q|k)"\n  rank: 4\n  alpha: 4\n'
+                        '  rank_pattern: {"self_attn.k": 2}\n')
+    out = tmp_path / "rx"
+    assert _run(shared, out, "--config", str(cfg_file), "--max-steps", "1") == 0
+    lf = read_lora(out / "lora.safetensors")
+    assert sorted(lf.modules) == ["blocks.0.self_attn.k", "blocks.0.self_attn.q"], sorted(lf.modules)
+    assert lf.modules["blocks.0.self_attn.k"]["A"].shape[0] == 2
+    assert lf.modules["blocks.0.self_attn.q"]["A"].shape[0] == 4
+
+
+def test_validation_builds_its_components_once(shared, tmp_path, monkeypatch):
+    spec = get_backbone("wan_ti2v")
+    real = type(spec).build
+    asked: list[set] = []
+
+    def counting(self, preset, parts, *a, **k):
+        asked.append(set(parts))
+        return real(self, preset, parts, *a, **k)
+
+    monkeypatch.setattr(type(spec), "build", counting)
+    assert _run(shared, tmp_path / "v", "--max-steps", "4", "validation.every=2", "validation.prompts=[a]",
+                "validation.steps=1", "validation.frames=5", "validation.height=32", "validation.width=32") == 0
+    assert sum(1 for p in asked if "vae" in p) == 1, asked
+
+
+def test_print_config_lists_every_section(capsys):
+    assert train.main(["--preset", "tiny", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    for section in ("model:", "lora:", "data:", "optim:", "train:", "parallel:", "validation:", "objective:"):
+        assert section in text
+    assert "first_frame_prob: 0.2" in text and "frame_multiple: 4" in text
+
+
+def test_user_errors_print_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "lora.rank=0",
+                        "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr, r.stderr

@@ -245,6 +245,11 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
+        # Text tokens are replicated on every sequence-parallel rank (only video tokens are sharded): LoRA dropout
+        # must then draw the same masks on every rank, even when the text length equals a shard's length.
+        for m in [self.text_embedding[0], self.text_embedding[2]] + [
+                p for blk in self.blocks for p in (blk.cross_attn.k, blk.cross_attn.v)]:
+            m.lora_replicated_input = True  # type: ignore[assignment]
         # Set by the sequence-parallel step; see `SequenceParallel`.
         self.sp: SequenceParallel | None = None
         # RoPE base tables per device. A plain attribute, not a buffer: keeps the state dict equal to the

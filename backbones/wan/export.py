@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 
 from lora_core.inject import lora_layers
 
+from lora_core.atomic import atomic_write
+
 from ..spec import Components
 from .dit import WanDiTConfig
 from .spec import T5_FILE, TOKENIZER_DIR, VAE_FILE
@@ -99,7 +101,7 @@ def save_dit(dit: nn.Module, out_dir: str | Path, max_shard_bytes: int = DEFAULT
     for keys, name in zip(plan, names):
         # one shard at a time on the CPU, so a GPU-resident 5B never needs a second full copy
         tensors = {k: sd[k].to("cpu").contiguous() for k in keys}
-        _atomic(out / name, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+        atomic_write(out / name, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: name for k in keys})
         del tensors
@@ -118,20 +120,22 @@ def save_checkpoint(comps: Components, out_dir: str | Path, *, source_dir: str |
     With `source_dir` in the official layout, the VAE / text-encoder / tokenizer files are linked (or
     copied) unchanged from it; otherwise they are written from the modules in memory, in the dtype they
     hold (the tiny preset's fp32 encoder keeps the upstream file name, so loading needs no special case)."""
-    assert comps.dit is not None and comps.vae is not None and comps.text_encoder is not None
+    for part in ("dit", "vae", "text_encoder", "tokenizer"):
+        if part not in comps:
+            raise ValueError(f"exporting a checkpoint folder needs the {part} component")
     out = Path(out_dir)
     src = Path(source_dir) if source_dir is not None else None
     if src is not None and src.resolve() == out.resolve():
         raise ValueError(f"cannot export into the checkpoint folder it was loaded from ({out}); pick another folder")
-    shards = save_dit(comps.dit, out, max_shard_bytes)
+    shards = save_dit(comps["dit"], out, max_shard_bytes)
     official = src is not None and (src / VAE_FILE).is_file()
-    for module, file in ((comps.vae, VAE_FILE), (comps.text_encoder, T5_FILE)):
+    for module, file in ((comps["vae"], VAE_FILE), (comps["text_encoder"], T5_FILE)):
         if official and (src / file).is_file():  # type: ignore[operator]
             _link_or_copy(src / file, out / file)  # type: ignore[operator]
         else:
             sd = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
-            _atomic(out / file, lambda p, s=sd: torch.save(s, p))
-    tok_src = Path(getattr(comps.tokenizer, "source", ""))
+            atomic_write(out / file, lambda p, s=sd: torch.save(s, p))
+    tok_src = Path(getattr(comps["tokenizer"], "source", ""))
     if tok_src.is_file():  # the folder the tokenizer was read from (official google/umt5-xxl or diffusers tokenizer/)
         dest = out / TOKENIZER_DIR
         dest.mkdir(parents=True, exist_ok=True)
@@ -139,19 +143,9 @@ def save_checkpoint(comps: Components, out_dir: str | Path, *, source_dir: str |
             if f.is_file():
                 _link_or_copy(f, dest / f.name)
     else:
-        save_tokenizer(comps.tokenizer.tok, out)
+        save_tokenizer(comps["tokenizer"].tok, out)
     log.info("wrote %s: %d DiT shard(s), VAE, text encoder, tokenizer", out, len(shards))
     return out
-
-
-def _atomic(path: Path, write: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)  # type: ignore[operator]
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -58,7 +58,12 @@ def _media_params(dataset: VideoDataset, index: int) -> dict[str, Any]:
 
 
 def media_keys(
-    dataset: VideoDataset, cache: FeatureCache, encoder_id: str, indices: Sequence[int] | None = None
+    dataset: VideoDataset,
+    cache: FeatureCache,
+    encoder_id: str,
+    indices: Sequence[int] | None = None,
+    *,
+    progress: bool = True,
 ) -> dict[int, str]:
     """Media key of each sample index (default: all); decodes nothing, and hashes only files the
     content index does not know. A file that vanished or cannot be read since the probe is reported
@@ -69,7 +74,7 @@ def media_keys(
     keys: dict[int, str] = {}
     try:
         # delay: the bar appears only when hashing new files takes a while
-        for i in tqdm(idx, desc="hashing media", delay=3.0, leave=False):
+        for i in tqdm(idx, desc="hashing media", delay=3.0, leave=False, disable=not progress):
             s = dataset.samples[i]
             try:
                 keys[i] = cache.media_key(s, _media_params(dataset, i), encoder_id)
@@ -101,9 +106,14 @@ def build_media_cache(
     _check_shard(rank, world)
     idx = range(len(dataset)) if indices is None else indices
     mine = [i for i in idx if i % world == rank]
-    keys = media_keys(dataset, cache, encoder_id, mine)  # hash only our shard: ranks split the reading too
+    # Hash only our shard: the ranks split the reading of the files too.
+    keys = media_keys(dataset, cache, encoder_id, mine, progress=progress)
     stats = CacheStats(failed_indices=[i for i in mine if i not in keys])
-    missing = [i for i in mine if i in keys and not cache.has(keys[i])]
+    missing, first = [], set()
+    for i, k in keys.items():
+        if k not in first and not cache.has(k):
+            missing.append(i)  # the first of identical samples (same bytes, same plan) encodes for all
+        first.add(k)
     stats.hits = len(keys) - len(missing)
     bar = tqdm(missing, desc=f"caching media (rank {rank})", disable=not progress or not missing)
     for i in bar:
@@ -111,7 +121,7 @@ def build_media_cache(
         try:
             item = dataset.load(i)
         except SampleReadError as e:  # e.g. a clip corrupt in the middle, which the probe passed
-            dataset.report.skip(s.path, str(e), fix="re-export or delete the file")
+            dataset.report.skip(s.path, str(e))  # the message names the file and the fix
             stats.failed_indices.append(i)
             continue
         out = _check_output(encode(item), f"sample {i} ({s.path})")

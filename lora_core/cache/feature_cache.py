@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from lora_core.atomic import atomic_write
 from lora_core.data import Sample
 
 from .identity import INDEX_NAME, ContentIndex
@@ -76,10 +76,11 @@ def _parse_header(data: bytes, file_size: int, key: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CorruptEntry("header is not a JSON object")
     meta = header.get("__metadata__") or {}
-    if meta.get(_KEY_META) != key or meta.get(_FMT_META) != CACHE_FORMAT:
-        raise CorruptEntry(
-            f"header names key {meta.get(_KEY_META)!r} format {meta.get(_FMT_META)!r}, expected {key!r} {CACHE_FORMAT!r}"
-        )
+    if not isinstance(meta, dict):
+        raise CorruptEntry("header metadata is not a JSON object")
+    got = (meta.get(_KEY_META), meta.get(_FMT_META))
+    if got != (key, CACHE_FORMAT):
+        raise CorruptEntry(f"header names key {got[0]!r} format {got[1]!r}, expected {key!r} {CACHE_FORMAT!r}")
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError) as e:
@@ -235,11 +236,12 @@ class FeatureCache:
         """Write an entry atomically (a temporary file in the same folder, then os.replace); return its path."""
         path = self.path_for(key)
         if not isinstance(tensors, Mapping) or not tensors:
-            raise ValueError(f"refusing to cache {tensors!r} for key {key}: expected a non-empty name -> tensor mapping")
-        bad = {k: type(v).__name__ for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)}
+            got = "an empty mapping" if isinstance(tensors, Mapping) else type(tensors).__name__
+            raise ValueError(f"refusing to cache {got} for key {key}: expected a non-empty name -> tensor mapping")
+        bad = {k: type(v).__name__ for k, v in tensors.items() if not isinstance(v, torch.Tensor)}
+        bad.update({repr(k): "a non-str name" for k in tensors if not isinstance(k, str)})
         if bad:
             raise ValueError(f"cache entries hold str -> torch.Tensor; for key {key} these are not: {bad}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         # clone: slices of a batch share storage, which safetensors refuses to save.
         data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         header = {
@@ -247,13 +249,6 @@ class FeatureCache:
             _FMT_META: CACHE_FORMAT,
             _USER_META: json.dumps(dict(metadata or {}), sort_keys=True, default=str),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(data, tmp, metadata=header)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users of a shared cache must read it
-            os.replace(tmp, path)  # readers see the old entry or the whole new one, never half
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # readers (other ranks) see the old entry or the whole new one, never half
+        atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=header))
         return path

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lora_core.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "content_index.json"
@@ -143,9 +145,8 @@ class ContentIndex:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             with _locked(self.file.with_name(self.file.name + ".lock")):
                 merged = {**self._read_disk(), **self._pending}
-                tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"version": _INDEX_VERSION, "files": merged}), encoding="utf-8")
-                os.replace(tmp, self.file)  # readers see the old index or the new one, never half
+                text = json.dumps({"version": _INDEX_VERSION, "files": merged})
+                atomic_write(self.file, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # never half an index
                 self._disk_sig = self._sig()
         except OSError as e:
             logger.warning("cannot save the content index %s (%s); files will be hashed again next run", self.file, e)

@@ -16,7 +16,7 @@ from lora_core.data.sampling import sample_rng
 
 
 def epoch_batches(
-    buckets: Sequence[Hashable], batch_size: int, seed: int, epoch: int, *, repeats: int = 1, drop_last: bool = False
+    buckets: Sequence[Hashable], batch_size: int, seed: int, epoch: int, *, repeats: int = 1
 ) -> list[list[int]]:
     """All batches of `epoch` in training order, each from one bucket: a pure function of its arguments.
 
@@ -33,10 +33,7 @@ def epoch_batches(
     batches: list[list[int]] = []
     for b in sorted(groups, key=repr):  # repr: a fixed order for any hashable bucket id
         idx = np.concatenate([rng.permutation(groups[b]) for _ in range(repeats)])
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
-            if len(chunk) == batch_size or not drop_last:
-                batches.append(chunk.tolist())
+        batches += [idx[s : s + batch_size].tolist() for s in range(0, len(idx), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -57,7 +54,9 @@ class GlobalBatches:
 
     def __post_init__(self) -> None:
         if self.global_size < 1:
-            raise ValueError(f"global batch size must be >= 1 (train.batch_size x data-parallel ranks), got {self.global_size}")
+            raise ValueError(
+                f"global batch size must be >= 1 (train.batch_size x data-parallel ranks), got {self.global_size}"
+            )
         self.buckets = list(self.buckets)
         if not self.buckets:
             raise ValueError("GlobalBatches needs at least one sample")

@@ -42,6 +42,7 @@ class DataConfig:
     path: str = ""
     media_root: str = ""  # where files named in a CSV/JSON live, when not next to that file
     kind: str | None = None  # "video" | "image" (an image backbone: videos in the dataset are skipped)
+    captions: bool = True  # whether captions are read (set from the backbone: False for one without text)
     frame_sampling: str | None = None  # "fps" (resample to data.fps) | "stride" (every frame_stride-th frame)
     fps: float | None = None  # rate clips are resampled to with "fps" sampling; 0 keeps each clip's own rate
     frame_stride: int | None = None  # source frames between sampled frames with "stride" sampling
@@ -56,7 +57,9 @@ class DataConfig:
     crop: str = "random"  # "random" | "center" (random is still a fixed function of seed, index)
     clip_start: str = "random"  # "random" | "head" | "center"
     short_clips: str = "shorten"  # "shorten" (longest valid count the clip has) | "skip"
-    caption_dropout: float = 0.0
+    # Probability that classifier-free-guidance training drops each of the backbone's conditions, by name
+    # (its `conditions`, e.g. {caption: 0.1}); a condition not listed is never dropped.
+    condition_dropout: dict[str, float] = field(default_factory=dict)
     trigger: str = ""  # prepended to every caption, or substituted for "[trigger]"
     strict: bool = False  # raise on any bad file or missing caption instead of skipping it
     repeats: int = 1  # times each sample appears per epoch
@@ -123,8 +126,11 @@ class DataConfig:
                 raise bad(name, f"a positive multiple of data.size_multiple={s}, e.g. {fix}")
         if self.max_aspect < 1:
             raise bad("max_aspect", "a ratio >= 1, e.g. 4.0")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise bad("caption_dropout", "a probability in [0, 1]")
+        for name, p in self.condition_dropout.items():
+            if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0):
+                raise ValueError(
+                    f"data.condition_dropout.{name}={p!r} is invalid: expected a probability in [0, 1], e.g. 0.1"
+                )
         if self.repeats < 1:
             raise bad("repeats", "an integer >= 1")
         for name in ("image_extensions", "video_extensions"):
@@ -153,9 +159,9 @@ def resolve_data_config(cfg: DataConfig, rules: MediaRules) -> DataConfig:
     m, o = out.frame_multiple, out.frame_offset
     first = smallest_valid_frames(m, o)
     if m % rules.frame_multiple or not rules.is_valid_frames(first):
-        key = "frame_multiple" if cfg.frame_multiple is not None else "frame_offset"
+        key = "frame_multiple" if m % rules.frame_multiple else "frame_offset"
         raise ValueError(
-            f"data.{key}={getattr(cfg, key)!r} is invalid: data.frame_multiple={m} with data.frame_offset={o} "
+            f"data.{key}={getattr(out, key)!r} is invalid: data.frame_multiple={m} with data.frame_offset={o} "
             f"gives frame counts ({describe_frame_counts(m, o)}, e.g. {first}) this backbone cannot take; its counts "
             f"are {rules.describe_frames()}: use data.frame_multiple={rules.frame_multiple} (or a multiple of it) "
             f"and data.frame_offset={rules.frame_offset}, or leave both unset"

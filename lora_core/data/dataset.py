@@ -140,7 +140,7 @@ class VideoDataset(Dataset):
         except Exception as e:
             raise SampleReadError(f"cannot decode {s.path}: {_short(e)}") from e
         plan = self.plan(index, frames.shape[1:3])  # decoded size wins if the probe was stale
-        video = resize_crop(frames, plan.resize, plan.crop, plan.bucket[1:])
+        video = resize_crop(frames, plan.resize, plan.crop, (plan.bucket[1], plan.bucket[2]))
         return dict(
             video=video, caption=self.caption(index), key=s.key, path=str(s.path), index=index,
             meta=self.meta(index, plan),
@@ -202,6 +202,7 @@ def load_dataset(
         image_extensions=cfg.image_extensions,
         media_root=cfg.media_root or None,
         report=report,
+        captions=cfg.captions,
     )
     return VideoDataset(samples, cfg, seed=seed, report=report, progress=progress)
 

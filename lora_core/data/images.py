@@ -35,7 +35,8 @@ _MODE_NAMES = {
 def open_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 [H, W, 3] RGB, rotated upright by its EXIF orientation.
 
-    16-bit images are scaled to 8 bits (v / 257, rounded), grayscale and palette images expanded
+    16-bit grayscale is scaled to 8 bits (v / 257, rounded; 16-bit colour PIL itself reduces to its
+    high byte), grayscale and palette images expanded
     to RGB, and transparent pixels composited on white. Raises FileNotFoundError for a missing file
     and ValueError naming the file for one PIL cannot read or a mode it cannot turn into RGB.
     """

@@ -143,6 +143,7 @@ def scan_dataset(
     image_extensions: Sequence[str] | None = None,
     media_root: str | Path | None = None,
     report: DataReport | None = None,
+    captions: bool = True,
 ) -> list[Sample]:
     """Find (media, caption) pairs under `path` (a folder or a CSV/JSON/JSONL/prompts.txt file).
 
@@ -170,7 +171,7 @@ def scan_dataset(
         skipped = f"; {n_skip} referenced file(s) were missing or skipped (see warnings)" if n_skip else ""
         raise ValueError(f"no usable clips or images found in {root} (read as: {layout}){skipped}.\n{ACCEPTED_LAYOUTS}")
     for s in samples:
-        if s.caption is None:
+        if captions and s.caption is None:
             report.warn(
                 s.path, "caption", "has no caption; training it with an empty caption",
                 strict_error=f"{s.path} has no caption; add a same-name .txt or caption column, or data.strict=false",
@@ -380,7 +381,10 @@ def _resolve_entries(
             try:
                 caption = _read_caption(txt)
             except TextDecodeError as e:
-                report.skip(txt, f"{e}; skipping {media.name}", fix=f"or delete {txt.name} to train without a caption")
+                report.skip(
+                    txt, f"{e} (the caption of {media.name}, which is left out)",
+                    fix=f"or delete {txt.name} to train {media.name} without a caption",
+                )  # fmt: skip
                 continue
         else:
             refs, caption, where = entry

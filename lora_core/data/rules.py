@@ -73,11 +73,13 @@ class MediaRules:
         if self.kind == "image" and self.default_frames != 1:
             raise bad("default_frames", "1 for an image backbone")
         if not self.is_valid_frames(self.default_frames):
-            raise bad("default_frames", f"a valid count ({self.describe_frames()}), e.g. {self.nearest_frames(self.default_frames)}")
+            eg = self.nearest_frames(self.default_frames)
+            raise bad("default_frames", f"a valid count ({self.describe_frames()}), e.g. {eg}")
         for name in ("default_height", "default_width"):
             v = getattr(self, name)
             if v < self.size_multiple or v % self.size_multiple:
-                raise bad(name, f"a positive multiple of size_multiple={self.size_multiple}, e.g. {self.nearest_size(v)}")
+                eg = self.nearest_size(v)
+                raise bad(name, f"a positive multiple of size_multiple={self.size_multiple}, e.g. {eg}")
 
     @property
     def smallest_frames(self) -> int:

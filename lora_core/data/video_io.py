@@ -97,7 +97,8 @@ def write_video(
 
     The suffix picks the format: .mp4/.mov/.mkv -> H.264 yuv420p (odd sizes are padded by one
     edge pixel, since 4:2:0 chroma needs even sizes), .webm -> VP9, .gif -> animated GIF
-    (PIL), no suffix or a trailing "/" -> a folder of 00000.png, 00001.png, ...
+    (PIL), .png/.jpg/.webp -> one still image (a single frame), no suffix or a trailing "/" -> a folder of
+    00000.png, 00001.png, ...
     Returns the written path.
     """
     video = to_uint8_frames(frames, layout)
@@ -110,12 +111,28 @@ def write_video(
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":
         return _write_gif(video, path, fps)
+    if suffix in _IMAGE_SUFFIXES:
+        if len(video) != 1:
+            raise ValueError(f"cannot write {len(video)} frames to the image {path}; use a video suffix or a "
+                             "folder ending in '/'")
+        return _write_image(video[0], path)
     if suffix in _CONTAINER_CODECS:
         return _write_av(video, path, fps, crf, _CONTAINER_CODECS[suffix])
     raise ValueError(
         f"cannot write {path}: unknown extension {suffix!r}; use .mp4 (H.264), .mov, .mkv, .webm, "
         ".gif, or a folder path ending in '/' for PNG frames"
     )
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _write_image(frame: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    from ..atomic import atomic_write
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: Image.fromarray(frame).save(tmp, format=fmt))
 
 
 def _write_png_folder(video: np.ndarray, folder: Path) -> Path:

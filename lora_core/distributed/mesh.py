@@ -33,8 +33,10 @@ class DistInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dp_group: Any = None
     sp_group: Any = None
-    # the 2-D DeviceMesh, dims ("dp", "sp"), plus its flattened "dp_sp" dim; None in a single process
+    # the 2-D DeviceMesh, dims ("dp", "sp"), and its flattening "dp_sp" over every rank (what FSDP2 shards
+    # over); both None in a single process
     mesh: Any = None
+    world_mesh: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -110,9 +112,8 @@ def init_distributed(ulysses: int = 1, num_heads: int | None = 1) -> DistInfo:
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         mesh = init_device_mesh(device.type, (dp, ulysses), mesh_dim_names=("dp", "sp"))
         # FSDP2 shards over every rank; flattening once here (not per parallelize call) lets several trained
-        # models share the same process group instead of creating one each
-        mesh._flatten(WORLD_DIM)
-        info.mesh = mesh
+        # models share one process group instead of creating one each
+        info.mesh, info.world_mesh = mesh, mesh._flatten(WORLD_DIM)
         info.dp_group = mesh["dp"].get_group()
         info.sp_group = mesh["sp"].get_group()
         assert mesh["dp"].get_local_rank() == info.dp_rank and mesh["sp"].get_local_rank() == info.sp_rank

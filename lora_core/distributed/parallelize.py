@@ -17,25 +17,28 @@ share a dtype (pytorch/pytorch#154103); older torch asks it of all of them, see 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .mesh import WORLD_DIM, DistInfo
+from .mesh import DistInfo
 from .ulysses import apply_sequence_parallel
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "maybe_offload_activations", "apply_fsdp",
            "apply_ddp", "shards_weights", "gradient_sync"]
 
 
-def apply_activation_checkpointing(units: nn.ModuleList) -> None:
+def apply_activation_checkpointing(units: Sequence[nn.Module]) -> None:
     """Recompute each unit in backward (non-reentrant, through hooks: names and forwards unchanged)."""
     from torch.distributed._composable import checkpoint
+
+    from .. import fused
     for unit in units:
-        checkpoint(unit)
+        # the recomputation sees the LoRA-dropout scope of its forward, so it regenerates the same masks
+        checkpoint(unit, context_fn=fused.dropout_checkpoint_context)
 
 
 @contextlib.contextmanager
@@ -51,14 +54,14 @@ def maybe_offload_activations(enabled: bool) -> Iterator[None]:
 
 def _world_mesh(info: DistInfo) -> Any:
     """The 1-D mesh over every rank that FSDP2 shards over."""
-    if info.mesh is not None:
-        return info.mesh[WORLD_DIM]
+    if info.world_mesh is not None:
+        return info.world_mesh
     # a DistInfo made by hand (not by init_distributed): a mesh of its own over the default group
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh(info.device.type, (info.world_size,))
 
 
-def apply_fsdp(model: nn.Module, units: nn.ModuleList, info: DistInfo) -> None:
+def apply_fsdp(model: nn.Module, units: Sequence[nn.Module], info: DistInfo) -> None:
     """FSDP2 over the whole world (Ulysses ranks hold shards too): each of `units` its own fully_shard unit,
     then the root.
     Works on a meta-device model (see `state.load_full_state`)."""
@@ -100,7 +103,7 @@ def shards_weights(mode: str, info: DistInfo) -> bool:
     return mode == "fsdp" and info.distributed
 
 
-def parallelize(model: nn.Module, units: nn.ModuleList, info: DistInfo, *, mode: str = "ddp",
+def parallelize(model: nn.Module, units: Sequence[nn.Module], info: DistInfo, *, mode: str = "ddp",
                 gradient_checkpointing: bool = False) -> nn.Module:
     """Sequence parallel -> activation checkpointing -> FSDP2/DDP, in that order. `units` are the repeated
     blocks (checkpointed and sharded one by one). Returns the module to call for training: the model

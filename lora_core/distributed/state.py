@@ -80,19 +80,24 @@ def _gathered(slots: Iterable[tuple[nn.Module, str]], writeback: bool) -> Iterat
     try:
         yield
     finally:
+        changed: list[str] = []
         with torch.no_grad():
             written: set[int] = set()
             for m, attr, p in swapped:
                 full = m._parameters[attr]
                 if writeback and id(p) not in written:
-                    if full.shape != p.shape:
-                        raise ValueError(f"{type(m).__name__}.{attr} changed shape from {tuple(p.shape)} to "
-                                         f"{tuple(full.shape)} while gathered; a sharded model cannot change "
-                                         "its parameter shapes (e.g. the LoRA rank)")
-                    p.copy_(distribute_tensor(full.detach().to(p.dtype), p.device_mesh, p.placements,
-                                              src_data_rank=0))
                     written.add(id(p))
-                m._parameters[attr] = p
+                    if full is None or full.shape != p.shape:
+                        changed.append(f"{type(m).__name__}.{attr} changed shape from {tuple(p.shape)} to "
+                                       f"{None if full is None else tuple(full.shape)}")
+                    else:  # every rank scatters (a collective), so a shape error is raised after the loop
+                        p.copy_(distribute_tensor(full.detach().to(p.dtype), p.device_mesh, p.placements,
+                                                  src_data_rank=0))
+                m._parameters[attr] = p  # the shard is put back whatever happened
+        if changed:
+            raise ValueError(f"{changed[0]} while gathered ({len(changed)} parameters changed); a sharded model "
+                             "cannot change its parameter shapes (e.g. the LoRA rank): build the model with the "
+                             "new shapes instead")
 
 
 @contextlib.contextmanager

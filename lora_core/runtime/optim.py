@@ -3,16 +3,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from .config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if not params:
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
+                    cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or 8-bit AdamW over parameters, or over parameter groups ({"params": [...], "lr": ..., ...}: one
+    per trained component, each with its own learning rate)."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": [p for p in items if p.requires_grad]}]
+        groups = [g for g in groups if g["params"]]
+    if not groups:
         raise ValueError("no trainable parameters: did LoRA injection match any module?")
+    params = groups  # type: ignore[assignment]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
@@ -39,6 +50,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
                     last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over optimizer steps; `last_step` > 0 positions it for a resumed run."""
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", cfg.lr)
+        # a group's own base rate (per-component learning rates), kept in the group so a resume restores it
+        group.setdefault("initial_lr", group.get("base_lr", cfg.lr))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps),
                                              last_epoch=last_step - 1)

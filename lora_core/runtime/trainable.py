@@ -105,7 +105,8 @@ def param_groups(models: Mapping[str, nn.Module], plans: Mapping[str, TrainPlan]
     for c, m in models.items():
         params = [p for p in m.parameters() if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": plans[c].lr if plans[c].lr is not None else lr, "name": c})
+            group_lr = plans[c].lr if plans[c].lr is not None else lr
+            groups.append({"params": params, "lr": group_lr, "base_lr": group_lr, "name": c})
     return groups
 
 

@@ -70,7 +70,8 @@ def test_mix_matches_published_splitmix64_and_python_reference() -> None:
     golden = 0x9E3779B97F4A7C15
     assert fused._mix64(golden) == 0xE220A8397B1DCDAF
     values = [0, 1, golden, M64, 1 << 63, 12345678901234567, 0x0123456789ABCDEF]
-    values += [int(v) & M64 for v in torch.randint(-2**63, 2**63 - 1, (500,), generator=torch.Generator().manual_seed(0))]
+    rand = torch.randint(-2**63, 2**63 - 1, (500,), generator=torch.Generator().manual_seed(0))
+    values += [int(v) & M64 for v in rand]
     z = torch.tensor([fused._s64(v) for v in values], dtype=torch.int64)
     got = [int(v) & M64 for v in fused._mix64_(z.clone())]
     assert got == [_py_mix(v) for v in values]  # torch int64 wraps and masked shifts are logical

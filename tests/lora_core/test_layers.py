@@ -220,3 +220,43 @@ def test_gradients_reach_lora_only():
     model(torch.randn(3, 16)).sum().backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == (".lora_" in n), n
+
+
+def test_injection_names_layers_for_their_dropout_masks():
+    import hashlib
+
+    from lora_core import fused
+    from lora_core.layers import strip_lora
+
+    model = Toy()
+    names = inject_lora(model, ["q", "head"], rank=4, alpha=4, dropout=0.2)
+    layers = lora_layers(model)
+    assert [layers[n].lora_name for n in names] == names
+    # the id is blake2b-64 of the name: the same in every process (Python's hash() is salted per process)
+    digest = int.from_bytes(hashlib.blake2b(b"blocks.1.q", digest_size=8).digest(), "little")
+    assert fused.layer_id("blocks.1.q") % 2**64 == digest
+    assert len({fused.layer_id(n) for n in names}) == len(names)
+    assert LoRALinear.from_linear(nn.Linear(4, 4), rank=2, alpha=2).lora_name == ""
+    q = layers["blocks.0.q"]
+    strip_lora(q)
+    assert type(q) is nn.Linear and not hasattr(q, "lora_name")
+
+
+def test_injected_model_dropout_is_layout_invariant():
+    """A whole injected model in a dropout scope: a batch of 2 gives the rows of each sample alone."""
+    from lora_core import fused
+
+    torch.manual_seed(0)
+    model = Toy()
+    inject_lora(model, ["q", "ffn.0", "ffn.2"], rank=4, alpha=4, dropout=0.3)
+    _randomize_lora(model)
+    x = torch.randn(2, 5, 16)
+    with fused.dropout_scope([3, 4]):
+        both = model(x)
+    with fused.dropout_scope([3]):
+        first = model(x[:1])
+    with fused.dropout_scope([4]):
+        second = model(x[1:])
+    torch.testing.assert_close(both, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
+    model.eval()
+    assert not torch.allclose(both, model(x))

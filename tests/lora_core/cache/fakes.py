@@ -11,9 +11,12 @@ from lora_core.data import DataConfig, VideoDataset, load_dataset
 
 
 def load(path: Path, **kw: Any) -> VideoDataset:
-    # Every size field explicitly: the data package is moving to None = "from the backbone".
-    cfg = dict(path=str(path), num_frames=17, height=64, width=64, fps=24.0, frame_multiple=4, size_multiple=32)
-    return load_dataset(DataConfig(**{**cfg, **kw}), seed=0, progress=False)
+    """The dataset at `path`, every backbone-dependent field set explicitly (None = "from the backbone")."""
+    cfg = dict(path=str(path), kind="video", frame_sampling="fps", fps=24.0, frame_stride=1, num_frames=17,
+               frame_multiple=4, frame_offset=1, height=64, width=64, size_multiple=32)  # fmt: skip
+    # Only fields DataConfig has: the data package is gaining these while this is written.
+    known = {k: v for k, v in cfg.items() if k in DataConfig.__dataclass_fields__}
+    return load_dataset(DataConfig(**{**known, **kw}), seed=0, progress=False)
 
 
 class MediaEncoder:

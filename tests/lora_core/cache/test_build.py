@@ -17,10 +17,6 @@ from .fakes import MediaEncoder, TextEncoder, load
 VAE, TE = "fake-vae@1", "fake-te@1"
 
 
-def _captions(ds) -> list[str]:
-    return [ds.load(i)["caption"] for i in range(len(ds))]
-
-
 def test_editing_a_caption_or_the_trigger_reencodes_only_text(data_dir: Path, tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "cache")
     ds = load(data_dir)
@@ -131,7 +127,7 @@ def test_a_sample_that_fails_to_decode_is_reported_once_and_skipped(
         again = build_media_cache(ds, cache, VAE, enc, progress=False)
     assert (stats.computed, stats.failed, stats.failed_indices) == (3, 1, [2]) and enc.seen == [0, 1, 3]
     assert (again.hits, again.failed_indices) == (3, [2])
-    assert caplog.text.count(str(bad)) == 1  # named, once
+    assert [r.levelno for r in caplog.records if str(bad) in r.getMessage()] == [logging.WARNING]  # named, once
     keys = media_keys(ds, cache, VAE)
     assert [i for i, k in keys.items() if not cache.has(k)] == [2]
 
@@ -158,3 +154,16 @@ def test_encode_returning_no_tensors_is_rejected_by_name(data_dir: Path, tmp_pat
     with pytest.raises(ValueError, match=r"sample 0 .*clip_000.mp4.*no batch dimension"):
         build_media_cache(ds, FeatureCache(tmp_path / "c"), VAE, lambda item: {"latents": [1.0]}, indices=[0],
                           progress=False)  # fmt: skip
+
+
+def test_a_file_deleted_after_the_probe_is_left_out_and_failed(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = load(data_dir)
+    (data_dir / "clip_001.mp4").unlink()
+    cache = FeatureCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        assert sorted(media_keys(ds, cache, VAE)) == [0, 2, 3]
+    assert "clip_001.mp4" in caplog.text
+    stats = build_media_cache(ds, cache, VAE, MediaEncoder(), progress=False)
+    assert (stats.computed, stats.failed_indices) == (3, [1])

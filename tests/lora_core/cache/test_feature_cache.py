@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lora_core.cache.feature_cache as fc
+from lora_core.atomic import new_file_mode
 from lora_core.cache import FeatureCache
 from lora_core.data import Sample
 
@@ -36,7 +37,7 @@ def test_put_get_roundtrip_metadata_and_no_temp_files(cache: FeatureCache) -> No
     assert cache.has(KEY) and cache.metadata(KEY) == {"note": "x", "n": 3}
     assert cache.get(OTHER) is None and not cache.has(OTHER)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left behind
-    assert path.stat().st_mode & 0o044 == 0o044  # readable by the other users of a shared cache
+    assert path.stat().st_mode & 0o777 == new_file_mode()  # the umask's mode, not mkstemp's 0600
 
 
 def test_put_rejects_bad_keys_and_values(cache: FeatureCache) -> None:
@@ -133,7 +134,9 @@ def test_entry_whose_header_names_another_key_or_format_is_removed(
     assert not cache.has(OTHER) and not cache.path_for(OTHER).exists()
 
 
-def test_a_corrupt_entry_replaced_meanwhile_is_not_deleted(cache: FeatureCache, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_corrupt_entry_replaced_meanwhile_is_not_deleted(
+    cache: FeatureCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another rank may rewrite an entry between our read and our unlink; the new file must survive."""
     path = _entry(cache)
     path.write_bytes(b"junk")
