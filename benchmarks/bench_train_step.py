@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones.registry import get_backbone  # noqa: E402
 from benchmarks.common import summarize, sync, write_results  # noqa: E402
-from lora_core.runtime.config import TrainConfig  # noqa: E402
+from backbones.spec import Batch  # noqa: E402
 from lora_core.inject import inject_lora, lora_parameters  # noqa: E402
 from lora_core.distributed import apply_activation_checkpointing  # noqa: E402
 
@@ -54,12 +54,12 @@ def run_case(preset: str, frames: int, height: int, width: int, grad_ckpt: bool,
     z = dit.config.in_dim
     lat = torch.randn(1, z, (frames - 1) // 4 + 1, height // 16, width // 16, device=device)
     ctx = [torch.randn(64, dit.config.text_dim, device=device)]
-    cfg = TrainConfig()
+    cfg = spec.objective_config(preset)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def loss_fn() -> torch.Tensor:
         with amp:
-            return spec.training_loss(dit, lat, ctx, [0], cfg)
+            return spec.training_loss({"dit": dit}, Batch({"latents": [lat[0]], "context": ctx}, [{}], [0]), cfg)
 
     def step() -> None:
         loss_fn().backward()

@@ -36,6 +36,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
+
 from .inject import _pattern_value, lora_layers, lora_targetable, set_trainable
 from .layers import _CONV_TYPES, LoRAConv, LoRALayer, LoRALinear
 
@@ -236,12 +238,7 @@ def save_lora(model_or_components: nn.Module | Mapping[str, nn.Module], path: st
         meta.update(ss_network_module="networks.lora", ss_network_dim=str(ranks[-1]),
                     ss_network_alpha=f"{all_layers[0].lora_scale * ranks[-1]:g}")
     meta.update(metadata or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 # ---------------------------------------------------------------------------------------- reading

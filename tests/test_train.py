@@ -281,9 +281,10 @@ def test_yaml_regex_target_and_patterns_reach_injection(shared, tmp_path):
     out = tmp_path / "rx"
     assert _run(shared, out, "--config", str(cfg_file), "--max-steps", "1") == 0
     lf = read_lora(out / "lora.safetensors")
-    assert sorted(lf.modules) == ["blocks.0.self_attn.k", "blocks.0.self_attn.q"], sorted(lf.modules)
-    assert lf.modules["blocks.0.self_attn.k"]["A"].shape[0] == 2
-    assert lf.modules["blocks.0.self_attn.q"]["A"].shape[0] == 4
+    mods = {stem: m for (_, stem), m in lf.modules.items()}
+    assert sorted(mods) == ["blocks.0.self_attn.k", "blocks.0.self_attn.q"], sorted(mods)
+    assert mods["blocks.0.self_attn.k"]["A"].shape[0] == 2
+    assert mods["blocks.0.self_attn.q"]["A"].shape[0] == 4
 
 
 def test_validation_builds_its_components_once(shared, tmp_path, monkeypatch):
@@ -314,3 +315,15 @@ def test_user_errors_print_one_line(tmp_path):
                         "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_written_files_respect_the_umask(shared, tmp_path):
+    """safetensors and temporary files are 0600; every file the run writes gets the umask's mode instead."""
+    out = tmp_path / "perm"
+    old = os.umask(0o022)
+    try:
+        assert _run(shared, out, "--max-steps", "1") == 0
+    finally:
+        os.umask(old)
+    for f in [out / "lora.safetensors", *(out / "checkpoints").rglob("*.*")]:
+        assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode))

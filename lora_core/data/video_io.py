@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # Extensions written through PyAV, with the encoder tried first for each.
@@ -130,7 +132,6 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def _write_image(frame: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
-    from ..atomic import atomic_write
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     return atomic_write(path, lambda tmp: Image.fromarray(frame).save(tmp, format=fmt))
 
@@ -177,8 +178,8 @@ def _write_av(video: np.ndarray, path: Path, fps: float, crf: int, candidates: t
         video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     # PyAV wants a rational rate; limit_denominator keeps 23.976 as 24000/1001.
     rate = Fraction(fps).limit_denominator(1001)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
+
+    def write(tmp: Path) -> None:  # the temporary name keeps the suffix: PyAV picks the container from it
         with av.open(str(tmp), mode="w") as container:
             stream = container.add_stream(codec, rate=rate)
             stream.width = w + pad_w
@@ -195,11 +196,8 @@ def _write_av(video: np.ndarray, path: Path, fps: float, crf: int, candidates: t
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        tmp.replace(path)  # a reader never sees a half-written file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)  # a reader never sees a half-written file
 
 
 def decode_frames(reader: "decord.VideoReader", indices: list[int]) -> np.ndarray:  # noqa: F821

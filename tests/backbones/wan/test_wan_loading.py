@@ -38,7 +38,7 @@ def source():
     comps = SPEC.build("tiny", {"dit", "vae", "text_encoder"})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for m in (comps.dit, comps.vae, comps.text_encoder):
+        for m in (comps["dit"], comps["vae"], comps["text_encoder"]):
             for p in m.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.01)
     return comps
@@ -47,13 +47,13 @@ def source():
 @pytest.fixture(scope="module")
 def official(source, tmp_path_factory):
     root = tmp_path_factory.mktemp("Wan2.2-TI2V-tiny")
-    _shards(source.dit.state_dict(), root, "diffusion_pytorch_model", 3)
-    cfg = source.dit.config
+    _shards(source["dit"].state_dict(), root, "diffusion_pytorch_model", 3)
+    cfg = source["dit"].config
     (root / "config.json").write_text(json.dumps({"_class_name": "WanModel", "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
                                                   "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
                                                   "in_dim": cfg.in_dim, "model_type": "ti2v"}))
-    torch.save(source.vae.state_dict(), root / VAE_FILE)
-    torch.save({k: v.to(torch.bfloat16) for k, v in source.text_encoder.state_dict().items()}, root / T5_FILE)
+    torch.save(source["vae"].state_dict(), root / VAE_FILE)
+    torch.save({k: v.to(torch.bfloat16) for k, v in source["text_encoder"].state_dict().items()}, root / T5_FILE)
     save_tokenizer(build_tiny_tokenizer(), root)
     assert (root / TOKENIZER_DIR / "tokenizer.json").is_file()
     return root
@@ -64,35 +64,34 @@ def _same_outputs(a, b, tol=1e-5, t5_tol=1e-5):
     ctx = torch.randn(1, 7, 64)
     t = torch.tensor([500.0])
     with torch.no_grad():
-        torch.testing.assert_close(a.dit(latents, t, ctx), b.dit(latents, t, ctx), rtol=tol, atol=tol)
-        torch.testing.assert_close(a.vae.encode(video), b.vae.encode(video), rtol=tol, atol=tol)
-        torch.testing.assert_close(a.vae.decode(latents), b.vae.decode(latents), rtol=tol, atol=tol)
+        torch.testing.assert_close(a["dit"](latents, t, ctx), b["dit"](latents, t, ctx), rtol=tol, atol=tol)
+        torch.testing.assert_close(a["vae"].encode(video), b["vae"].encode(video), rtol=tol, atol=tol)
+        torch.testing.assert_close(a["vae"].decode(latents), b["vae"].decode(latents), rtol=tol, atol=tol)
     ea, eb = SPEC.encode_text(a, ["a cat"]), SPEC.encode_text(b, ["a cat"])
     torch.testing.assert_close(ea[0], eb[0], rtol=t5_tol, atol=t5_tol)
 
 
 def test_official_layout_loads_unchanged(source, official):
     loaded = SPEC.build("tiny", {"dit", "vae", "text_encoder"}, official)
-    assert not any(p.is_meta for p in loaded.dit.parameters())
+    assert not any(p.is_meta for p in loaded["dit"].parameters())
     # the T5 file ships in bf16; load it in fp32 and compare with a bf16-rounded source
     ref = SPEC.build("tiny", {"text_encoder"})
-    ref.text_encoder.load_state_dict({k: v.to(torch.bfloat16).float()
-                                      for k, v in source.text_encoder.state_dict().items()})
-    source_rounded = type(source)(dit=source.dit, vae=source.vae, text_encoder=ref.text_encoder,
-                                  tokenizer=source.tokenizer)
+    ref["text_encoder"].load_state_dict({k: v.to(torch.bfloat16).float()
+                                      for k, v in source["text_encoder"].state_dict().items()})
+    source_rounded = {**source, "text_encoder": ref["text_encoder"]}
     _same_outputs(source_rounded, loaded)
     bf16 = SPEC.build("tiny", {"dit"}, official, dtype=torch.bfloat16)
-    assert bf16.dit.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert bf16["dit"].blocks[0].self_attn.q.weight.dtype == torch.bfloat16
 
 
 def test_diffusers_layout_loads_through_the_key_maps(source, tmp_path):
     root = tmp_path / "Wan2.2-TI2V-tiny-Diffusers"
-    dit_sd = {dit_to_diffusers(k): v for k, v in source.dit.state_dict().items()}
+    dit_sd = {dit_to_diffusers(k): v for k, v in source["dit"].state_dict().items()}
     _shards(dit_sd, root / "transformer", "diffusion_pytorch_model", 2)
     (root / "vae").mkdir(parents=True)
-    save_file(convert_vae_state_dict(source.vae.state_dict(), to="diffusers"),
+    save_file(convert_vae_state_dict(source["vae"].state_dict(), to="diffusers"),
               str(root / "vae" / "diffusion_pytorch_model.safetensors"))
-    t5_sd = {k: v.contiguous() for k, v in convert_t5_state_dict(source.text_encoder.state_dict(), to="hf").items()}
+    t5_sd = {k: v.contiguous() for k, v in convert_t5_state_dict(source["text_encoder"].state_dict(), to="hf").items()}
     t5_sd.pop("encoder.embed_tokens.weight")  # tied to shared.weight; safetensors refuses shared storage
     _shards(t5_sd, root / "text_encoder", "model", 2)
     (root / "tokenizer").mkdir()
