@@ -1,16 +1,16 @@
-"""Sample a video from a backbone, with any number of LoRAs (unmerged, or merged into the weights).
+"""Sample videos or images from a backbone, with any number of LoRAs (unmerged, or merged into the weights).
 
-    python infer.py --backbone wan_ti2v --preset tiny --prompt "a red ball" --output out.mp4   # seconds, CPU
-    python infer.py --backbone wan_ti2v --preset 5b --ckpt-dir Wan2.2-TI2V-5B \
-        --lora runs/mine/lora.safetensors:0.8 --merge --prompt "..." --image first.png --output out.mp4
-    python infer.py --backbone wan_ti2v --preset tiny --lora a.safetensors --save-merged merged/   # export only
-    python infer.py --backbone NAME --help                       # the options that backbone adds
+    python infer.py --backbone NAME --preset tiny --prompt "a red ball" --output out.mp4       # seconds, CPU
+    python infer.py --backbone NAME --preset P --ckpt-dir FOLDER --lora runs/mine/lora.safetensors:0.8 --merge \
+        --prompt "..." --output out.mp4
+    python infer.py --backbone NAME --preset tiny --lora a.safetensors --save-merged merged/    # export only
+    python infer.py --backbone NAME --help          # the options and input images that backbone adds
 
-Defaults come from the preset (5b: upstream's 121 frames at 1280x704, 50 UniPC steps, guidance 5, shift 5,
-upstream's negative prompt; tiny: its media rules and 10 steps). Everything a user can get wrong (LoRA
-files, checkpoint folder, image, sizes, output name) is checked before any model is built.
+The README shows the commands of each family. Defaults (frames, size, steps, guidance, sampler options) come
+from the backbone's preset. Everything a user can get wrong (LoRA files, checkpoint folder, images, sizes,
+output name and folder) is checked before any model is built.
 
-Shapes: F frames, H/W height/width (pixels).
+Shapes: C channels, F frames, H/W height/width (pixels).
 """
 from __future__ import annotations
 
@@ -163,10 +163,12 @@ def resolve(args: argparse.Namespace) -> Request:
     steps = args.steps if args.steps is not None else spec.default_steps(preset)
     if steps < 1:
         raise ValueError(f"--steps {steps}: need at least 1 solver step (default {spec.default_steps(preset)})")
-    extras = {opt.name: getattr(args, f"extra__{opt.name}") for opt in spec.sample_options(preset)
-              if getattr(args, f"extra__{opt.name}") is not None}
-    if "shift" in extras and not extras["shift"] > 0:
-        raise ValueError(f"--shift {extras['shift']} must be > 0 (1 for no shift)")
+    extras = {}
+    for opt in spec.sample_options(preset):
+        value = getattr(args, f"extra__{opt.name}")
+        if value is not None:
+            opt.check(value)
+            extras[opt.name] = value
 
     sources = Sources(ckpt_dir=Path(args.ckpt_dir) if args.ckpt_dir else None,
                       extra=dict(_parse_source(s) for s in args.source))
@@ -206,7 +208,7 @@ def resolve(args: argparse.Namespace) -> Request:
 def _parse_source(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--source {text!r} is not NAME=PATH, e.g. --source vae=/models/vae")
+        raise ValueError(f"--source {text!r} is not NAME=PATH, e.g. --source motion_module=/models/mm.safetensors")
     return name, Path(path)
 
 

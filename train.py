@@ -1,13 +1,13 @@
 """Train a LoRA (or fully fine-tune components) of a diffusion backbone.
 
-    python train.py --backbone wan_ti2v --preset tiny                  # embedded default, CPU, ~1 minute
-    python train.py --backbone wan_ti2v --preset 5b --ckpt-dir Wan2.2-TI2V-5B --data my_clips/ --output runs/mine
+    python train.py --backbone NAME --preset tiny                      # a family's embedded default, CPU
+    python train.py --backbone NAME --preset P --ckpt-dir FOLDER --data my_clips/ --output runs/mine
     torchrun --nproc_per_node=4 train.py ... --parallel fsdp --ulysses 2
-    python train.py ... --resume latest                              # continue a killed run exactly
-    python train.py --backbone wan_ti2v --preset tiny --print-config # every config key with its value
+    python train.py ... --resume latest                                # continue a killed run exactly
+    python train.py --backbone NAME --preset P --print-config          # every config key with its value
 
-Any config field can be overridden as section.key=value (e.g. optim.lr=5e-5 lora.rank=16); see configs/ and
---print-config. Sections: model, lora, components, data, optim, train, parallel, validation, objective.
+Any config field can be overridden as section.key=value (e.g. optim.lr=5e-5 lora.rank=16); see configs/, the
+README and --print-config. Sections: model, lora, components, data, optim, train, parallel, validation, objective.
 """
 from __future__ import annotations
 
@@ -212,6 +212,7 @@ class Trainer:
     container: nn.ModuleDict          # all models under one root, for name-keyed optimizer state
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    names: list[str]                  # '<component>/<parameter>' of every trained tensor
 
 
 def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Trainer:
@@ -262,7 +263,7 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
     container = nn.ModuleDict(models)
     optimizer = build_optimizer(param_groups(models, plans, cfg.optim.lr), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    return Trainer(models, wrapped, plans, container, optimizer, scheduler)
+    return Trainer(models, wrapped, plans, container, optimizer, scheduler, list(trainable_parameters(models)))
 
 
 def gathered(trainer: Trainer, writeback: bool = False) -> contextlib.ExitStack:
@@ -293,7 +294,8 @@ def save_artifacts(cfg: Config, spec: BackboneSpec, trainer: Trainer, out: Path)
                                      backbone=spec.name, naming=naming, metadata=meta))
     for name, m in trainer.models.items():
         if trainer.plans[name].mode == "full":
-            written += spec.save_full(name, m, out)
+            trained = [k.split("/", 1)[1] for k in trainer.names if k.startswith(f"{name}/")]
+            written += spec.save_full(name, m, out, trained)
     return written
 
 
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         check_resume(state, cfg, info, resume_from)
         with gathered(trainer, writeback=True):  # FSDP2: gathered, loaded, scattered back
             load_trainable_state(trainer.models, ckpt.load_safetensors(resume_from / TRAINABLE_FILE),
-                                 str(resume_from / TRAINABLE_FILE))
+                                 str(resume_from / TRAINABLE_FILE), trainer.names)
         parallel.load_optimizer_state_dict(trainer.container, trainer.optimizer,
                                            ckpt.load_tensors(resume_from / OPTIMIZER_FILE))
         start = state["step"]
@@ -520,7 +522,7 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
         optim_state = parallel.optimizer_state_dict(trainer.container, trainer.optimizer)
         with gathered(trainer):
             if info.is_main:
-                sd = trainable_state(trainer.models)
+                sd = trainable_state(trainer.models, trainer.names)
                 path = ckpt.save_checkpoint(
                     out / "checkpoints", step,
                     files={TRAINABLE_FILE: lambda p: ckpt.save_tensors(sd, p), OPTIMIZER_FILE: optim_state,

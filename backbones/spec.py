@@ -21,6 +21,7 @@ Shapes: B batch, C/F/H/W video channels/frames/height/width.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +109,12 @@ class SampleOption:
     help: str = ""
     choices: tuple[Any, ...] | None = None
     default: Any = None
+    valid: Callable[[Any], bool] | None = None   # checked by infer.py before any build
+    expected: str = ""                           # what `valid` wants, for the error message
+
+    def check(self, value: Any) -> None:
+        if self.valid is not None and not self.valid(value):
+            raise ValueError(f"--{self.name.replace('_', '-')} {value}: must be {self.expected}")
 
 
 @dataclass
@@ -230,11 +237,13 @@ class BackboneSpec:
         """Write the components as a checkpoint folder in the official layout (`--ckpt-dir` loads it)."""
         raise ValueError(f"exporting a checkpoint folder is not implemented for backbone {self.name!r}")
 
-    def save_full(self, name: str, module: nn.Module, out_dir: Path) -> list[Path]:
-        """The artifact of a fully trained component (mode "full"): by default its trained parameters as one
-        safetensors state dict; families override this to write their official layouts."""
+    def save_full(self, name: str, module: nn.Module, out_dir: Path, trained: list[str]) -> list[Path]:
+        """The artifact of a fully trained component (mode "full"; `trained`: its trained parameter names): by
+        default those parameters as one safetensors state dict; families override this to write their official
+        layouts."""
         from lora_core.runtime.checkpoint import save_tensors
-        sd = {k: p.detach().cpu() for k, p in module.named_parameters() if p.requires_grad}
+        params = dict(module.named_parameters())
+        sd = {k: params[k].detach().cpu() for k in trained}
         return [save_tensors(sd, out_dir / f"{name}.safetensors", metadata={"backbone": self.name})]
 
     # ---- data

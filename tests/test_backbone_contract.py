@@ -300,3 +300,20 @@ def test_toy_family_refuses_what_it_lacks(images, tmp_path):
         run(images, tmp_path / "x", "components={text_encoder: {mode: lora}}")
     with pytest.raises(ValueError, match="components.vae.mode"):
         run(images, tmp_path / "y", "components={vae: {mode: lora}}")
+
+
+def test_toy_family_full_fine_tuning_by_pattern(images, tmp_path):
+    """mode=full trains the parameters its patterns name, directly (no LoRA), and saves them as the artifact;
+    everything else stays bit-identical to the base."""
+    out = tmp_path / "full"
+    assert run(images, out, "--max-steps", "3", "components={unet: {mode: full, full_patterns: ['blocks\\..*']}}",
+               "train.ckpt_every=2") == 0
+    assert not (out / "lora.safetensors").exists()
+    from safetensors.torch import load_file
+    trained = load_file(str(out / "unet.safetensors"))
+    base = ToySpec().build("tiny", {"unet"})["unet"].state_dict()
+    assert trained and all(k.startswith("blocks.") for k in trained)
+    assert sum(k.startswith("blocks.") for k in base) == len(trained)
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)
+    ck = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert sorted(k.split("/", 1)[1] for k in ck) == sorted(trained)

@@ -1,5 +1,6 @@
 """train.py end to end on the tiny preset (CPU): the embedded default, resume, signals, bad input."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -327,3 +328,39 @@ def test_written_files_respect_the_umask(shared, tmp_path):
         os.umask(old)
     for f in [out / "lora.safetensors", *(out / "checkpoints").rglob("*.*")]:
         assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode))
+
+
+def test_random_5b_text_encoder_is_refused_before_allocating(monkeypatch):
+    """Without weights only the tiny preset runs; the 5b refusal comes before 5.7B parameters are allocated."""
+    from backbones.encoders import t5
+
+    def no_alloc(*a, **k):
+        raise AssertionError("the text encoder was allocated before the refusal")
+
+    monkeypatch.setattr(t5.UMT5Encoder, "__init__", no_alloc)
+    with pytest.raises(ValueError, match="needs --ckpt-dir"):
+        get_backbone("wan_ti2v").build("5b", {"text_encoder"})
+
+
+def test_broken_tensorboard_is_reported_as_broken(shared, tmp_path, monkeypatch, caplog):
+    import builtins
+    real_import = builtins.__import__
+
+    def broken(name, *a, **k):
+        if name == "torch.utils.tensorboard":
+            raise RuntimeError("libprotobuf ABI mismatch")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert _run(shared, tmp_path / "tb", "--max-steps", "1") == 0
+    assert "failed to import (RuntimeError: libprotobuf ABI mismatch)" in caplog.text
+    assert "not installed" not in caplog.text
+
+
+def test_bad_ulysses_fails_before_the_output_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=r"ulysses\(4\) != WORLD_SIZE\(2\)"):
+        train.main(["--preset", "tiny", "--ulysses", "4", "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

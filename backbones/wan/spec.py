@@ -113,7 +113,8 @@ class WanTI2VSpec(BackboneSpec):
         return list(module.blocks)  # type: ignore[arg-type]
 
     def sample_options(self, preset: str) -> list[SampleOption]:
-        return [SampleOption("shift", float, "noise schedule shift (default 5; 1 = no shift)"),
+        return [SampleOption("shift", float, "noise schedule shift (default 5; 1 = no shift)",
+                             valid=lambda v: v > 0, expected="> 0 (5 for Wan2.2 TI2V-5B, 1 for no shift)"),
                 SampleOption("sampler", str, "solver (default unipc)", choices=("unipc", "euler"))]
 
     def image_inputs(self, preset: str) -> dict[str, str]:

@@ -74,8 +74,7 @@ def _gathered(slots: Iterable[tuple[nn.Module, str]], writeback: bool) -> Iterat
             if p is None or not _is_dtensor(p):
                 continue
             if id(p) not in copies:
-                # keep the flag: callers find the trained tensors by requires_grad inside the block
-                copies[id(p)] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+                copies[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=False)
             m._parameters[attr] = copies[id(p)]
             swapped.append((m, attr, p))
     try:

@@ -95,9 +95,13 @@ def apply_plan(module: nn.Module, plan: TrainPlan) -> list[str]:
     return trained
 
 
-def trainable_parameters(models: Mapping[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """'<component>/<parameter name>' -> every parameter that trains, in model order."""
-    return {f"{c}/{n}": p for c, m in models.items() for n, p in m.named_parameters() if p.requires_grad}
+def trainable_parameters(models: Mapping[str, nn.Module], names: list[str] | None = None) -> dict[str, nn.Parameter]:
+    """'<component>/<parameter name>' -> every parameter that trains, in model order. Inside an FSDP2 gather the
+    full copies do not require grad: pass the `names` taken before it."""
+    if names is None:
+        return {f"{c}/{n}": p for c, m in models.items() for n, p in m.named_parameters() if p.requires_grad}
+    params = {f"{c}/{n}": p for c, m in models.items() for n, p in m.named_parameters()}
+    return {k: params[k] for k in names}
 
 
 def param_groups(models: Mapping[str, nn.Module], plans: Mapping[str, TrainPlan], lr: float) -> list[dict]:
@@ -110,10 +114,10 @@ def param_groups(models: Mapping[str, nn.Module], plans: Mapping[str, TrainPlan]
     return groups
 
 
-def trainable_state(models: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+def trainable_state(models: Mapping[str, nn.Module], names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The trained tensors by name (full tensors: call inside `full_trainable` under FSDP2), plus each LoRA
     layer's scale so a checkpoint says what the tensors mean."""
-    sd = {k: p.detach().cpu().clone() for k, p in trainable_parameters(models).items()}
+    sd = {k: p.detach().cpu().clone() for k, p in trainable_parameters(models, names).items()}
     for c, m in models.items():
         for n, layer in lora_layers(m).items():
             sd[f"{c}/{n}.lora_scale"] = torch.tensor(float(layer.lora_scale))
@@ -121,9 +125,10 @@ def trainable_state(models: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_trainable_state(models: Mapping[str, nn.Module], sd: Mapping[str, torch.Tensor], source: str) -> None:
+def load_trainable_state(models: Mapping[str, nn.Module], sd: Mapping[str, torch.Tensor], source: str,
+                         names: list[str] | None = None) -> None:
     """Inverse of `trainable_state`; ValueError naming `source` and the first differing keys before any copy."""
-    params = trainable_parameters(models)
+    params = trainable_parameters(models, names)
     scales = {f"{c}/{n}.lora_scale": float(layer.lora_scale) for c, m in models.items()
               for n, layer in lora_layers(m).items()}
     missing = [k for k in params if k not in sd]
