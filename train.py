@@ -38,6 +38,7 @@ from lora_core.data import GlobalBatches, VideoDataset, load_dataset, resolve_da
 from lora_core.data.sample_data import make_sample_dataset
 from lora_core.formats import load_lora, save_lora
 from lora_core.runtime import checkpoint as ckpt
+from lora_core.runtime import run_folder
 from lora_core.runtime.batch import BatchReader, DropRule, FieldSource, dropout_seed
 from lora_core.runtime.config import Config, load_config, save_config, to_dict
 from lora_core.runtime.optim import build_optimizer, build_scheduler
@@ -111,6 +112,12 @@ def sources_of(cfg: Config) -> Sources:
                    extra={k: Path(v) for k, v in cfg.model.sources.items()})
 
 
+def show_progress(info: parallel.DistInfo) -> bool:
+    """Progress bars on rank 0 of a terminal only: redirected to a file, tqdm's carriage returns would fill it,
+    so progress is logged as plain lines instead (`train.log_every`)."""
+    return info.is_main and sys.stderr.isatty()
+
+
 def model_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -134,7 +141,8 @@ def prepare_dataset(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) ->
             log.info("no --data given: training on the embedded sample dataset in %s", folder)
         parallel.barrier(info)
         cfg.data.path = str(folder)
-    return load_dataset(cfg.data, seed=cfg.train.seed, progress=info.is_main, rules=spec.media_rules(cfg.model.preset))
+    return load_dataset(cfg.data, seed=cfg.train.seed, progress=show_progress(info),
+                        rules=spec.media_rules(cfg.model.preset))
 
 
 def encoder_ids(cfg: Config, spec: BackboneSpec, device: torch.device) -> dict[str, str]:
@@ -176,14 +184,14 @@ def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: 
 
     if "media" in kinds:
         build_media_cache(dataset, cache, ids["media"], lambda item: spec.encode_media(encoders("media"), item),
-                          rank=info.rank, world=info.world_size, progress=info.is_main)
+                          rank=info.rank, world=info.world_size, progress=show_progress(info))
     text: dict[int, str] = {}
     empty = None
     if "text" in kinds:
         captions = {i: dataset.caption(i) for i in range(len(dataset))}
         texts = sorted(set(captions.values()) | {""})
         build_text_cache(texts, cache, ids["text"], lambda batch: spec.encode_text(encoders("text"), batch),
-                         rank=info.rank, world=info.world_size, progress=info.is_main)
+                         rank=info.rank, world=info.world_size, progress=show_progress(info))
         text = {i: cache.text_key(c, ids["text"]) for i, c in captions.items()}
         empty = cache.text_key("", ids["text"])
     built.clear()
@@ -191,7 +199,7 @@ def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: 
         torch.cuda.empty_cache()
     parallel.barrier(info)
     # after the barrier: the other ranks' file hashes are read from the shared content index
-    media = media_keys(dataset, cache, ids["media"], progress=info.is_main) if "media" in kinds else {}
+    media = media_keys(dataset, cache, ids["media"], progress=show_progress(info)) if "media" in kinds else {}
     # a sample that failed to encode (on any rank) or whose file vanished has no entry: it is left out
     usable = [i for i in range(len(dataset)) if ("media" not in kinds or (i in media and cache.has(media[i])))
               and ("text" not in kinds or (i in text and cache.has(text[i])))]
@@ -285,13 +293,14 @@ def save_artifacts(cfg: Config, spec: BackboneSpec, trainer: Trainer, out: Path)
         meta = {"preset": cfg.model.preset, "config": json.dumps(to_dict(cfg), default=str),
                 **spec.lora_file_metadata}
         naming = {n: components[n].naming for n in lora}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.lora.save_dtype]
         if len(lora) == 1:
             (name, module), = lora.items()
             written.append(save_lora(module, out / "lora.safetensors", format=cfg.lora.save_format,
-                                     backbone=spec.name, naming=naming[name], metadata=meta))
+                                     backbone=spec.name, naming=naming[name], metadata=meta, dtype=dtype))
         else:
             written.append(save_lora(lora, out / "lora.safetensors", format=cfg.lora.save_format,
-                                     backbone=spec.name, naming=naming, metadata=meta))
+                                     backbone=spec.name, naming=naming, metadata=meta, dtype=dtype))
     for name, m in trainer.models.items():
         if trainer.plans[name].mode == "full":
             trained = [k.split("/", 1)[1] for k in trainer.names if k.startswith(f"{name}/")]
@@ -425,73 +434,117 @@ def check_resume(state: dict[str, Any], cfg: Config, info: parallel.DistInfo, so
                          "start a new run in another --output")
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    cfg, spec = resolve_config(args)
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
+@dataclass
+class Run:
+    """The claimed output folder: its lock, and the checkpoint (and its state) a --resume continues."""
+
+    out: Path
+    lock: run_folder.RunLock | None
+    resume_from: Path | None
+    state: dict[str, Any] | None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def start_processes(cfg: Config, spec: BackboneSpec) -> parallel.DistInfo:
+    """The attention backend and the (dp, sp) process mesh; combinations this build cannot run fail here."""
     set_attention_backend(cfg.model.attention)
     info = parallel.init_distributed(cfg.parallel.ulysses, spec.sequence_parallel(cfg.model.preset))
     parallel.check_options(info, mode=cfg.parallel.mode, optimizer=cfg.optim.name,
                            validation_every=cfg.validation.every)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    device, out = info.device, Path(cfg.train.output)
     torch.manual_seed(cfg.train.seed)
+    return info
 
-    # 1. everything that can fail on user input, before any model is loaded
+
+def claim_output(cfg: Config, spec: BackboneSpec, args: argparse.Namespace, info: parallel.DistInfo) -> Run:
+    """Everything that can fail on user input before any model is loaded: the weight sources, the training plan,
+    the output folder (locked; a folder holding another run is refused) and the checkpoint to resume (intact,
+    same shapes, scale and data order)."""
     spec.check_sources(cfg.model.preset, sources_of(cfg), set(spec.components(cfg.model.preset)))
     plan_training(cfg, spec.components(cfg.model.preset))
-    resume_from = (ckpt.resolve_resume(args.resume, out / "checkpoints", (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE))
-                   if args.resume else None)
-    dataset = prepare_dataset(cfg, spec, info)
+    out = Path(cfg.train.output)
+    lock = None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        lock = run_folder.RunLock(out).acquire()
+        try:
+            run_folder.check_fresh(out, args.resume)
+        except ValueError:
+            lock.release()
+            raise
+        ckpt.sweep_leftovers(out / "checkpoints")
+    parallel.barrier(info)
+    run = Run(out, lock, None, None)
+    try:
+        if args.resume:
+            run.resume_from = ckpt.resolve_resume(args.resume, out / "checkpoints",
+                                                  (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE))
+        if run.resume_from is not None:
+            run.state = ckpt.load_state(run.resume_from)
+            run_folder.check_resume_config(run.state.get("config", {}), to_dict(cfg), run.resume_from)
+            check_resume(run.state, cfg, info, run.resume_from)
+        elif args.resume:
+            log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, out / "checkpoints")
+    except BaseException:
+        run.release()
+        raise
+    return run
 
-    # 2. encoded media and text, cached on disk
-    cached = prepare_cache(cfg, spec, dataset, info, device)
-    if args.cache_only:
-        log.info("cache ready in %s", cached.cache.dir)
-        parallel.shutdown()
+
+def resume(trainer: Trainer, run: Run, cfg: Config) -> int:
+    """Trained tensors, optimizer state, schedule and RNG of the checkpoint; returns its step (0: fresh run)."""
+    if run.resume_from is None or run.state is None:
         return 0
+    src = run.resume_from
+    with gathered(trainer, writeback=True):  # FSDP2: gathered, loaded, scattered back
+        load_trainable_state(trainer.models, ckpt.load_safetensors(src / TRAINABLE_FILE), str(src / TRAINABLE_FILE),
+                             trainer.names)
+    parallel.load_optimizer_state_dict(trainer.container, trainer.optimizer, ckpt.load_tensors(src / OPTIMIZER_FILE))
+    start = int(run.state["step"])
+    # the schedule is a function of (step, config): rebuilt, so a resumed run may change max_steps
+    for group in trainer.optimizer.param_groups:
+        group.pop("initial_lr", None)
+    trainer.scheduler = build_scheduler(trainer.optimizer, cfg.optim, cfg.train.max_steps, last_step=start)
+    ckpt.set_rng_state(ckpt.load_tensors(src / RNG_FILE))
+    log.info("resumed from %s at step %d", src, start)
+    return start
 
-    # 3. the trained models, parallelized, and the optimizer
-    trainer = build_models(cfg, spec, info)
-    validate = Validator(cfg, spec, trainer, device) if cfg.validation.every else None
 
-    # 4. resume
-    start = 0
-    if resume_from is not None:
-        state = ckpt.load_state(resume_from)
-        check_resume(state, cfg, info, resume_from)
-        with gathered(trainer, writeback=True):  # FSDP2: gathered, loaded, scattered back
-            load_trainable_state(trainer.models, ckpt.load_safetensors(resume_from / TRAINABLE_FILE),
-                                 str(resume_from / TRAINABLE_FILE), trainer.names)
-        parallel.load_optimizer_state_dict(trainer.container, trainer.optimizer,
-                                           ckpt.load_tensors(resume_from / OPTIMIZER_FILE))
-        start = state["step"]
-        # the schedule is a function of (step, config): rebuilt, so a resumed run may change max_steps
-        for group in trainer.optimizer.param_groups:
-            group.pop("initial_lr", None)
-        trainer.scheduler = build_scheduler(trainer.optimizer, cfg.optim, cfg.train.max_steps, last_step=start)
-        ckpt.set_rng_state(ckpt.load_tensors(resume_from / RNG_FILE))
-        log.info("resumed from %s at step %d", resume_from, start)
-    elif args.resume:
-        log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, out / "checkpoints")
-
-    # 5. the loop
-    rc = train_loop(cfg, spec, trainer, dataset, cached, info, out, start, validate)
-    if rc:
-        return rc
-    with gathered(trainer):  # FSDP2: every trained tensor gathered in full, rank 0 writes
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    cfg, spec = resolve_config(args)                          # config: every value checked
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    info = start_processes(cfg, spec)
+    run = claim_output(cfg, spec, args, info)                # 1. user input checked, output folder claimed
+    try:
+        dataset = prepare_dataset(cfg, spec, info)           # 2. media scanned and probed
         if info.is_main:
-            for path in save_artifacts(cfg, spec, trainer, out):
-                log.info("written: %s", path)
-    parallel.shutdown()
-    return 0
+            run.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.out / "config.yaml")
+        cached = prepare_cache(cfg, spec, dataset, info, info.device)   # 3. encoded once, media and text apart
+        if args.cache_only:
+            log.info("cache ready in %s", cached.cache.dir)
+            return 0
+        trainer = build_models(cfg, spec, info)              # 4. trained components, parallelized; optimizer
+        validate = Validator(cfg, spec, trainer, info.device) if cfg.validation.every else None
+        start = resume(trainer, run, cfg)                    # 5. a checkpoint's state
+        rc = train_loop(cfg, spec, trainer, dataset, cached, info, run.out, start, validate)   # 6. the loop
+        if rc:
+            return rc
+        with gathered(trainer):                              # 7. the artifacts (FSDP2: gathered, rank 0 writes)
+            if info.is_main:
+                for path in save_artifacts(cfg, spec, trainer, run.out):
+                    log.info("written: %s", path)
+        return 0
+    finally:
+        run.release()
+        parallel.shutdown()
 
 
 def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: VideoDataset, cached: Cached,
@@ -539,7 +592,7 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
     for m in trainer.models.values():
         m.train()
     bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
-               disable=not info.is_main, desc="training")
+               disable=not show_progress(info), desc="training")
     try:
         with StopRequest() as stop:
             for step in bar:
@@ -594,7 +647,6 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                     write_checkpoint(done)
                     bar.close()
                     log.warning("stopped by signal at step %d; resume with --resume latest", done)
-                    parallel.shutdown()
                     return 128 + (stop.signal or signal.SIGTERM)  # ranks told by another rank
         bar.close()
         if start < cfg.train.max_steps:

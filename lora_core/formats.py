@@ -18,11 +18,50 @@ Reading also accepts PEFT's `save_pretrained` folders (adapter_model.safetensors
 keys `base_model.model.<name>.lora_A.weight`), `lora_down/lora_up` under `diffusion_model.`, DiffSynth's
 `.lora_A.default.weight`, and diffusers' `lora_adapter_metadata` (its LoraConfig, with keys either plain or
 prefixed per component, `transformer.lora_alpha`). Every key and shape is validated before a model is touched.
+
+Safety. A file holding NaN or inf anywhere is refused by `read_lora` (naming the first bad key and how many
+there are): applied, it turns every output black while the run exits 0. `save_lora` refuses to write one, also
+when the cast to `dtype` overflows (fp16 tops out at 65504; bf16 keeps fp32's range).
+
+Apply what fits, name what does not. Read with a naming, keys under a prefix that no component claims in any
+format (`lora_te_` text-encoder keys of a kohya file, loaded into a denoiser alone) go to `LoRAFile.skipped`
+instead of failing the load; `load_lora` applies the rest and logs one warning per file (logger
+"lora_core.formats") naming each skipped prefix, its key count and first keys. Keys under a claimed prefix
+that fit no module (unknown name, wrong shape, A without B), of another format under a claimed prefix, or
+with no recognisable prefix still fail the whole load, and so does a file where nothing fits.
+
+Saving dtype. `save_lora(dtype=torch.float16 / torch.bfloat16)` casts A and B; the 0-dim `.alpha` scalars
+stay fp32, since the stored alpha is the effective one (scale * rank, irrational under rsLoRA) and bf16 would
+round it by up to 0.4%. kohya/musubi cast alpha with the rest, but every reader takes it as a number
+(ComfyUI `.item()`, kohya `.float()`, diffusers' kohya converter `.item()`), so mixed dtypes load everywhere.
+Reading casts A/B to fp32 before they reach the model's LoRA masters (fp32 even on bf16 base weights).
+
+Metadata written by `save_lora` (all strings; the caller's `metadata` is applied last and wins):
+
+| key                         | written | value                                                                |
+|-----------------------------|---------|----------------------------------------------------------------------|
+| format, format_version      | always  | the key layout above, "1"                                            |
+| engine, backbone            | always  | "video-lora-engine", the backbone registry name (or "")              |
+| rank, alpha, use_rslora     | always  | one value, or a JSON list when layers differ                         |
+| targets (, components, targets.<component>) | always | JSON lists of the adapted modules (per component)      |
+| dtype                       | always  | A/B tensor dtype: "float32", "float16", "bfloat16"                   |
+| modelspec.sai_model_spec    | always  | "1.0.0" (Stability's ModelSpec, read by LoRA managers)               |
+| modelspec.title             | always  | the file name without its suffix (callers pass a better one)         |
+| modelspec.date              | always  | ISO 8601 UTC time of writing, seconds precision                      |
+| modelspec.architecture      | always  | caller's (e.g. "wan-2.2-ti2v-5b/lora"), else "<backbone>/lora"        |
+| modelspec.implementation    | caller  | the upstream code of the architecture (musubi: the Wan repo URL)     |
+| modelspec.resolution        | caller  | "<width>x<height>", checked                                          |
+| ss_network_module, ss_network_dim, ss_network_alpha | kohya | "networks.lora" unless the caller overrides (musubi's Wan: "networks.lora_wan"), max rank, its alpha |
+
+Caller keys starting with `ss_` are written into kohya files only: they describe kohya's key layout, and a
+diffusers file claiming `networks.lora_wan` would send kohya-style tools the wrong way.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -47,13 +86,15 @@ _READ_FORMATS = (*FORMATS, "peft")  # PEFT folders are read, never written
 _PEFT_PREFIX = "base_model.model."
 # Prefixes known without any naming, so foreign files are still classified (and their keys named in errors).
 _GENERIC_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("comfyui", "diffusion_model."),
+    ("comfyui", "diffusion_model."), ("comfyui", "text_encoders."),  # ComfyUI's generic text-encoder keys
     *(("kohya", p) for p in ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")),
     *(("diffusers", p) for p in ("transformer.", "unet.", "text_encoder.", "text_encoder_2.", "controlnet.")),
     ("peft", _PEFT_PREFIX),
     ("native", ""),
 )
 _SINGLE = ""  # component name of a lone nn.Module
+MODELSPEC_VERSION = "1.0.0"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,6 +220,37 @@ def _module_tensors(m: LoRALayer, name: str, fmt: str, prefix: str,
     return {f"{base}.lora_A.weight": a, f"{base}.lora_B.weight": b * m.lora_scale}
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys (sorted) of floating tensors holding NaN or inf."""
+    bad = []
+    for k in sorted(tensors):
+        t = tensors[k]
+        if t.is_floating_point():
+            t = t if t.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) else t.float()  # fp8
+            if not bool(torch.isfinite(t).all()):
+                bad.append(k)
+    return bad
+
+
+_RESOLUTION = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    extra = dict(metadata or {})
+    wrong = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if wrong:
+        raise ValueError(f"LoRA file metadata must map str to str (safetensors stores only strings); "
+                         f"{wrong[0]!r} maps to {type(extra[wrong[0]]).__name__}: pass str(value) or json.dumps(value)")
+    res = extra.get("modelspec.resolution")
+    if res is not None and not _RESOLUTION.fullmatch(res):
+        raise ValueError(f"modelspec.resolution must be '<width>x<height>' (e.g. '1280x704'), got {res!r}")
+    return extra
+
+
 def _backbone_of(components: Mapping[str, nn.Module]) -> str:
     names = {getattr(m, "backbone_name", "") or "" for m in components.values()} - {""}
     return names.pop() if len(names) == 1 else ""
@@ -190,9 +262,17 @@ def save_lora(model_or_components: nn.Module | Mapping[str, nn.Module], path: st
               metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the LoRA weights of a model, or of several components into one file, atomically (temp file +
     rename). A dict of components needs `naming={component: LoRANaming}`; components without LoRA are
-    skipped. A lone model is named by `naming`, else by its `lora_key_map` with the default prefixes."""
+    skipped. A lone model is named by `naming`, else by its `lora_key_map` with the default prefixes.
+
+    `dtype` casts A and B (alpha stays fp32); `metadata` adds or overrides string entries, e.g. a backbone's
+    `ss_network_module` / `modelspec.architecture` (the fields are listed in the module docstring). Raises
+    ValueError for NaN/inf weights, a cast that overflows, or metadata that is not str -> str."""
     if format not in FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"save_lora dtype must be a floating torch.dtype (torch.float32, torch.float16, "
+                         f"torch.bfloat16), got {dtype!r}")
+    extra = _check_metadata(metadata)
     components, namings, single = _resolve(model_or_components, naming, key_map)
     per = {c: layers for c, m in components.items() if (layers := lora_layers(m))}
     if not per:
@@ -216,28 +296,49 @@ def save_lora(model_or_components: nn.Module | Mapping[str, nn.Module], path: st
                 raise ValueError(f"{who} writes key {clash[0]!r}, already written by another component; give "
                                  "the components distinct prefixes")
             tensors.update(keys)
+    bad = _non_finite(tensors)
+    if bad:
+        raise ValueError(f"refusing to write {path}: the LoRA weights hold NaN or inf in {len(bad)} tensors, first "
+                         f"{bad[0]!r}; training diverged (lower the learning rate, check the loss log), so resume "
+                         "from a checkpoint before it rather than saving these weights")
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.dim() else v for k, v in tensors.items()}
+        # alpha scalars stay fp32: they carry the effective scale, which bf16 would round (module docstring)
+        cast = {k: v.to(dtype) if v.dim() else v for k, v in tensors.items()}
+        bad = _non_finite(cast)
+        if bad:
+            peak = max(float(tensors[k].abs().max()) for k in bad)
+            raise ValueError(f"refusing to write {path}: casting to {_dtype_name(dtype)} overflows {len(bad)} "
+                             f"tensors to inf/NaN, first {bad[0]!r} (largest |value| {peak:g}); save in bfloat16 "
+                             "(fp32's range) or float32 instead")
+        tensors = cast
     all_layers = [m for layers in per.values() for m in layers.values()]
     ranks = sorted({m.lora_rank for m in all_layers})
     alphas = sorted({m.lora_alpha for m in all_layers})
+    backbone = backbone or _backbone_of(components)
     meta = {
         "format": format,
         "format_version": FORMAT_VERSION,
         "engine": "video-lora-engine",
-        "backbone": backbone or _backbone_of(components),
+        "backbone": backbone,
         "rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
         "alpha": f"{alphas[0]:g}" if len(alphas) == 1 else json.dumps(alphas),
         "use_rslora": str(any(m.lora_use_rslora for m in all_layers)).lower(),
         "targets": json.dumps([_shown(c, n) for c, layers in per.items() for n in layers]),
+        "dtype": _dtype_name(dtype or torch.float32),
+        # ModelSpec fields LoRA managers display; the backbone-specific ones come from the caller's metadata
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.title": Path(path).stem,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
     }
+    if backbone:
+        meta["modelspec.architecture"] = f"{backbone}/lora"
     if not single:
         meta["components"] = json.dumps(list(per))
         meta.update({f"targets.{c}": json.dumps(list(layers)) for c, layers in per.items()})
     if format == "kohya":  # what kohya-style readers look for
         meta.update(ss_network_module="networks.lora", ss_network_dim=str(ranks[-1]),
                     ss_network_alpha=f"{all_layers[0].lora_scale * ranks[-1]:g}")
-    meta.update(metadata or {})
+    meta.update({k: v for k, v in extra.items() if format == "kohya" or not k.startswith("ss_")})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -246,7 +347,10 @@ def save_lora(model_or_components: nn.Module | Mapping[str, nn.Module], path: st
 class LoRAFile:
     """A parsed LoRA file. `modules`: (prefix, module name in the file's naming) -> A [r, fan_in],
     B [out, r], alpha; `components`: prefix -> the component that reads it (when read with a naming);
-    `unsupported`: keys this engine does not apply, `foreign` those of them that belong to another format;
+    `skipped`: prefix -> its keys, for prefixes no component claims (only when read with a naming; these keys
+    are in neither `modules` nor `unsupported`, and loading leaves them out with a warning);
+    `unsupported`: other keys this engine does not apply (loading refuses the file over them), `foreign` the
+    keys of `unsupported` and `skipped` that belong to another format;
     `counts`: format -> number of keys it explains (the largest decides `format`)."""
 
     path: str
@@ -259,6 +363,15 @@ class LoRAFile:
     foreign: dict[str, str] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skipped_summary(self, shown: int = 3) -> str:
+        """"'lora_te_' (24 keys: k1, k2, k3, ...)" per skipped prefix, for warnings and errors."""
+        parts = []
+        for prefix, keys in self.skipped.items():
+            head = ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+            parts.append(f"{prefix!r} ({len(keys)} key{'s' * (len(keys) != 1)}: {head})")
+        return "; ".join(parts)
 
 
 _WEIGHT = frozenset({"native", "comfyui", "diffusers", "peft"})
@@ -328,10 +441,11 @@ def _as_namings(naming: Namings | None) -> dict[str, LoRANaming]:
 
 
 def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFile:
-    """Parse a LoRA file without touching any model. Raises ValueError on a corrupt or foreign file.
+    """Parse a LoRA file without touching any model. Raises ValueError on a corrupt or foreign file, or one
+    holding NaN/inf values.
 
-    `naming` (one LoRANaming, or one per component) adds its prefixes to the generic ones and records
-    which component reads which prefix."""
+    `naming` (one LoRANaming, or one per component) adds its prefixes to the generic ones, records which
+    component reads which prefix, and sets aside (`skipped`) the keys under prefixes none of them claims."""
     p, peft_cfg = _resolve_path(path)
     try:
         tensors = load_file(str(p))
@@ -341,6 +455,13 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
         raise ValueError(f"LoRA file {p} is not a readable safetensors file: {e}") from e
     if not tensors:
         raise ValueError(f"LoRA file {p} holds no tensors")
+    bad = _non_finite(tensors)
+    if bad:
+        t = tensors[bad[0]].float()
+        raise ValueError(f"LoRA file {p} holds NaN or inf values in {len(bad)} of its {len(tensors)} tensors, first "
+                         f"{bad[0]!r} ({int(t.isnan().sum())} NaN, {int(t.isinf().sum())} inf of {t.numel()}); "
+                         "applied it would turn the output black. Re-export it from a checkpoint saved before the "
+                         "training diverged, or retrain (lower learning rate; bf16 rather than fp16)")
     adapter_meta = None
     if metadata.get("lora_adapter_metadata"):  # diffusers writes its LoraConfig(s) here
         try:
@@ -366,8 +487,26 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
     fmt = max(_READ_FORMATS, key=lambda f: (counts[f], -_READ_FORMATS.index(f))) if counts else "native"
     lf = LoRAFile(str(p), fmt, metadata, peft_config=peft_cfg, adapter_metadata=adapter_meta,
                   counts=dict(counts))
+    lf.components = {n.prefixes[fmt]: c for c, n in namings.items() if fmt in n.prefixes}
+    if fmt == "peft" and _PEFT_PREFIX not in lf.components and len(namings) == 1:
+        lf.components[_PEFT_PREFIX] = next(iter(namings))  # PEFT's wrapper prefix is nobody's naming choice
+    claimed = {(f, pre) for n in namings.values() for f, pre in n.prefixes.items()} | {(fmt, pre) for pre in lf.components}
+    known = sorted({pre for _, pre, _ in candidates if pre}, key=len, reverse=True)
     for key, t in tensors.items():
         c = classified.get(key)
+        if namings:
+            # "" is no prefix at all: a key there cannot be put down to another component, so it stays an error
+            if c is not None:
+                unclaimed = bool(c[1]) and (c[0], c[1]) not in claimed
+                prefix = c[1]
+            else:
+                prefix = next((pre for pre in known if key.startswith(pre)), "")
+                unclaimed = bool(prefix) and all(pre != prefix for _, pre in claimed)
+            if unclaimed:
+                lf.skipped.setdefault(prefix, []).append(key)
+                if c is not None and c[0] != fmt:
+                    lf.foreign[key] = c[0]
+                continue
         if c is None or (c[2] == "alpha" and t.numel() != 1):
             lf.unsupported.append(key)
             continue
@@ -378,9 +517,6 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
             continue
         entry = lf.modules.setdefault((prefix, stem), {"A": None, "B": None, "alpha": None})
         entry[role] = float(t.float().item()) if role == "alpha" else t
-    lf.components = {n.prefixes[fmt]: c for c, n in namings.items() if fmt in n.prefixes}
-    if fmt == "peft" and _PEFT_PREFIX not in lf.components and len(namings) == 1:
-        lf.components[_PEFT_PREFIX] = next(iter(namings))  # PEFT's wrapper prefix is nobody's naming choice
     return lf
 
 
@@ -482,9 +618,17 @@ def _plan(components: dict[str, nn.Module], namings: dict[str, LoRANaming],
             problems.append(f"mis-shaped {shown!r}: A {tuple(a.shape)} / B {tuple(b.shape)}, the model's "
                             f"{name} needs A {want_a} / B {want_b}")
             continue
+        if rank == 0:
+            problems.append(f"module {shown!r} has rank 0 (A {tuple(a.shape)}): an empty LoRA, re-export the file")
+            continue
         alpha = e["alpha"]
         assert alpha is None or isinstance(alpha, float)
-        plan[(c, name)] = _Planned(a2.float(), b2.float(), _file_scale(lf, prefix, stem, rank, alpha))
+        scale = _file_scale(lf, prefix, stem, rank, alpha)
+        if not math.isfinite(scale):  # the tensors are checked by read_lora; a config's lora_alpha is not
+            problems.append(f"module {shown!r} gets a non-finite scale {scale} from the file's LoRA config "
+                            "(lora_alpha / alpha_pattern); fix adapter_config.json or lora_adapter_metadata")
+            continue
+        plan[(c, name)] = _Planned(a2.float(), b2.float(), scale)
     return plan, problems
 
 
@@ -499,8 +643,10 @@ def load_lora(model_or_components: nn.Module | Mapping[str, nn.Module],
     components already carry LoRA, the files must cover exactly those layers. Several files are combined
     per layer by concatenating their ranks (scales folded into B), so they run as one LoRA.
     Everything is validated before any module is touched; a file that does not fit raises ValueError
-    listing missing, unexpected and mis-shaped keys. Returns the adapted module names ("<component>:<name>"
-    for a dict of components).
+    listing missing, unexpected and mis-shaped keys. Keys under a prefix no component claims (a kohya file's
+    `lora_te_` keys for a denoiser alone) are left out with one warning per file; `read_lora(path,
+    naming).skipped` lists them. A file where nothing fits raises. Returns the adapted module names
+    ("<component>:<name>" for a dict of components).
     """
     path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     strengths = [float(strength)] * len(path_list) if isinstance(strength, (int, float)) else list(strength)
@@ -525,7 +671,18 @@ def load_lora(model_or_components: nn.Module | Mapping[str, nn.Module],
         if problems:
             shown = "\n  ".join(problems[:12])
             more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-            raise ValueError(f"LoRA file {lf.path} ({lf.format} format) does not fit {what}:\n  {shown}{more}")
+            skipped = (f"\n  (left out, no component reads their prefix: {lf.skipped_summary()})"
+                       if lf.skipped else "")
+            raise ValueError(f"LoRA file {lf.path} ({lf.format} format) does not fit {what}:\n  {shown}{more}"
+                             f"{skipped}")
+        if not plan:
+            readers = sorted({f"{f} {pre!r}" for n in namings.values() for f, pre in n.prefixes.items()})
+            raise ValueError(f"nothing in LoRA file {lf.path} fits {what}: all its keys are under prefixes no "
+                             f"component reads ({lf.skipped_summary() or 'none'}); the model reads "
+                             f"{', '.join(readers)}. Is it a LoRA for another model?")
+        if lf.skipped:
+            log.warning("LoRA file %s: applying %d modules, leaving out keys no component of %s reads: %s",
+                        lf.path, len(plan), what, lf.skipped_summary())
         plans.append((plan, s))
     modules = {c: dict(comp.named_modules()) for c, comp in components.items()}
     keys = list(dict.fromkeys(k for plan, _ in plans for k in plan))

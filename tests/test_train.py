@@ -236,7 +236,7 @@ def test_validation_samples_are_written_as_mp4(shared, tmp_path):
     assert video.shape == (9, 32, 64, 3)
 
 
-def test_fresh_run_truncates_metrics_and_resume_cuts_them_back(shared, tmp_path):
+def test_resume_cuts_metrics_back_to_the_checkpoint(shared, tmp_path):
     out = tmp_path / "m"
     assert _run(shared, out, "--max-steps", "4", "train.ckpt_every=2") == 0
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -254,10 +254,14 @@ def test_resume_refuses_a_changed_data_order(shared, tmp_path):
         _run(shared, out, "--max-steps", "4", "--resume", "latest", "train.grad_accum=2")
     with pytest.raises(ValueError, match=r"global_batch: 1 -> 2"):
         _run(shared, out, "--max-steps", "4", "--resume", "latest", "--batch-size", "2")
-    with pytest.raises(ValueError, match="lora.alpha"):
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"LoRA scale \(lora.alpha: 32.0 -> 8.0\)"):
         _run(shared, out, "--max-steps", "4", "--resume", "latest", "lora.alpha=8")
-    with pytest.raises(ValueError, match="mis-shaped"):
+    with pytest.raises(ValueError, match=r"changes lora.rank: 32 -> 8;"):  # the rank named, not "targets"
         _run(shared, out, "--max-steps", "4", "--resume", "latest", "lora.rank=8", "lora.alpha=8")
+    with pytest.raises(ValueError, match=r"lora.targets: None -> \['ffn.0'\]"):
+        _run(shared, out, "--max-steps", "4", "--resume", "latest", "lora.targets=[ffn.0]")
+    assert (out / "config.yaml").read_text() == saved  # nothing was written before the refusals
 
 
 @pytest.mark.parametrize("override,key", [
@@ -364,3 +368,82 @@ def test_bad_ulysses_fails_before_the_output_folder(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"ulysses\(4\) != WORLD_SIZE\(2\)"):
         train.main(["--preset", "tiny", "--ulysses", "4", "--output", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_run_into_a_used_folder_is_refused(shared, tmp_path):
+    """Without --resume a folder holding a run is refused (its checkpoints would be pruned by the old run's
+    higher steps), naming both ways out; a folder holding only a cache is free."""
+    out = tmp_path / "used"
+    assert _run(shared, out, "--max-steps", "3", "train.ckpt_every=3") == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"already holds a run .*--resume latest.*another --output"):
+        _run(shared, out, "--max-steps", "2")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    data, cache = shared
+    warm = tmp_path / "warm"
+    assert train.main(["--preset", "tiny", "--data", str(data), "--output", str(warm), "--cache-only",
+                       f"train.cache_dir={cache}"]) == 0
+    assert _run(shared, warm, "--max-steps", "1") == 0
+
+
+def test_a_concurrent_run_is_refused_naming_the_holder(shared, tmp_path):
+    out = tmp_path / "busy"
+    from lora_core.runtime.run_folder import RunLock
+    holder = RunLock(out).acquire()
+    try:
+        with pytest.raises(ValueError, match=rf"in use by a running training .*\"pid\": {os.getpid()}"):
+            _run(shared, out, "--max-steps", "1")
+    finally:
+        holder.release()
+    assert _run(shared, out, "--max-steps", "1") == 0
+
+
+def test_damaged_checkpoint_falls_back_and_leftovers_are_swept(shared, tmp_path, caplog):
+    out = tmp_path / "dmg"
+    assert _run(shared, out, "--max-steps", "4", "train.ckpt_every=2", "train.keep_last=3") == 0
+    ck = out / "checkpoints"
+    (ck / "step-4" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut")
+    (ck / ".step-6.abc.tmp").mkdir()
+    (ck / "step-8").mkdir()                      # killed while pruning: no state.json
+    with caplog.at_level(logging.WARNING):
+        assert _run(shared, out, "--max-steps", "5", "--resume", "latest") == 0
+    assert "step-4/optimizer.pt is unreadable" in caplog.text and "falling back" in caplog.text
+    assert not (ck / ".step-6.abc.tmp").exists() and not (ck / "step-8").exists()
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    (ck / "step-5" / "state.json").write_text("{")
+    with pytest.raises(ValueError, match=r"step-5/state.json is unreadable"):
+        _run(shared, out, "--max-steps", "6", "--resume", str(ck / "step-5"))
+
+
+def test_one_frame_samples_are_never_first_frame_conditioned():
+    """An image (one latent frame) conditioned on its only frame has nothing to learn: never conditioned."""
+    from backbones.objectives import flow
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 4, 1, 4, 4)
+    _, _, mask, cond = flow.condition_training_batch(x0, torch.randn_like(x0), torch.full((8,), 0.5), 1.0, g)
+    assert not cond.any() and mask.all()
+    x0 = torch.randn(8, 4, 3, 4, 4)
+    _, _, mask, cond = flow.condition_training_batch(x0, torch.randn_like(x0), torch.full((8,), 0.5), 1.0, g)
+    assert cond.all() and not mask[:, :, 0].any()
+
+
+def test_logs_to_a_file_are_plain_lines(shared, tmp_path):
+    data, cache = shared
+    with open(tmp_path / "log.txt", "w") as log_file:
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--data", str(data),
+                            "--output", str(tmp_path / "o"), "--max-steps", "3", f"train.cache_dir={cache}",
+                            "train.log_every=1"], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, timeout=300)
+    text = (tmp_path / "log.txt").read_text()
+    assert r.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    assert "step 3 loss" in text
+
+
+def test_final_lora_dtype_follows_save_dtype(shared, tmp_path):
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("fp16", torch.float16)):
+        out = tmp_path / dtype
+        assert _run(shared, out, "--max-steps", "1", f"lora.save_dtype={dtype}") == 0
+        sd = load_file(str(out / "lora.safetensors"))
+        assert {v.dtype for k, v in sd.items() if k.endswith(".weight")} == {torch_dtype}
+        ck = load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
+        assert {v.dtype for v in ck.values()} == {torch.float32}   # the masters stay fp32

@@ -49,6 +49,7 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module pattern -> alpha
     init_from: str | None = None         # start from an existing LoRA file
     save_format: Literal["comfyui", "native", "diffusers", "kohya"] = "comfyui"
+    save_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"   # the final file (checkpoints keep fp32 masters)
 
     def validate(self) -> None:
         if self.rank <= 0:

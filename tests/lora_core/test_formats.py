@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -314,7 +315,7 @@ def _hand_kohya() -> dict[str, torch.Tensor]:
     }
 
 
-def test_hand_written_kohya_two_components_match_formula(tmp_path):
+def test_hand_written_kohya_two_components_match_formula(tmp_path, caplog):
     """First key lora_te_: detection from the first key alone read this as native and refused it."""
     sd = _hand_kohya()
     path = tmp_path / "sd15_kohya.safetensors"
@@ -337,11 +338,19 @@ def test_hand_written_kohya_two_components_match_formula(tmp_path):
             w += (0.5 * (alpha if alpha is not None else r) / r * (up.flatten(1) @ down.flatten(1))).view(w.shape)
     for got, want in zip(_pair_out(comps), _pair_out(ref)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # into the UNet alone, the text-encoder keys are named: no component claims lora_te_
-    with pytest.raises(ValueError) as e:
-        load_lora(_pair()["unet"], path, naming=NAMINGS["unet"])
-    msg = str(e.value)
-    assert "lora_te_text_model_encoder_layers_1_mlp_fc1" in msg and "prefix 'lora_te_'" in msg
+    # into the UNet alone, the UNet part applies and the text-encoder keys are named: no component claims lora_te_
+    unet = _pair()["unet"]
+    with caplog.at_level(logging.WARNING, logger="lora_core.formats"):
+        names = load_lora(unet, path, strength=0.5, naming=NAMINGS["unet"])
+    assert sorted(names) == ["conv_in", "mid.to_k"]
+    ctx = ref["text_encoder"](TOKENS).detach()  # the by-hand reference UNet, fed the same context
+    torch.testing.assert_close(unet(X, ctx), ref["unet"](X, ctx), rtol=1e-5, atol=1e-6)
+    warned = [r.getMessage() for r in caplog.records if r.name == "lora_core.formats"]
+    assert len(warned) == 1 and "'lora_te_' (6 keys" in warned[0]
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in warned[0]
+    lf = read_lora(path, NAMINGS["unet"])
+    assert sorted(lf.skipped) == ["lora_te_"] and len(lf.skipped["lora_te_"]) == 6
+    assert {pre for pre, _ in lf.modules} == {"lora_unet_"} and not lf.unsupported
 
 
 def test_detection_counts_all_keys_and_names_foreign_ones(tmp_path):
