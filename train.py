@@ -291,7 +291,7 @@ def save_artifacts(cfg: Config, spec: BackboneSpec, trainer: Trainer, out: Path)
     components = spec.components(cfg.model.preset)
     if lora:
         meta = {"preset": cfg.model.preset, "config": json.dumps(to_dict(cfg), default=str),
-                **spec.lora_file_metadata}
+                "modelspec.title": out.name, **spec.lora_file_metadata}
         naming = {n: components[n].naming for n in lora}
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.lora.save_dtype]
         if len(lora) == 1:

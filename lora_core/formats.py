@@ -38,20 +38,21 @@ Reading casts A/B to fp32 before they reach the model's LoRA masters (fp32 even 
 
 Metadata written by `save_lora` (all strings; the caller's `metadata` is applied last and wins):
 
-| key                         | written | value                                                                |
-|-----------------------------|---------|----------------------------------------------------------------------|
-| format, format_version      | always  | the key layout above, "1"                                            |
-| engine, backbone            | always  | "video-lora-engine", the backbone registry name (or "")              |
-| rank, alpha, use_rslora     | always  | one value, or a JSON list when layers differ                         |
-| targets (, components, targets.<component>) | always | JSON lists of the adapted modules (per component)      |
-| dtype                       | always  | A/B tensor dtype: "float32", "float16", "bfloat16"                   |
-| modelspec.sai_model_spec    | always  | "1.0.0" (Stability's ModelSpec, read by LoRA managers)               |
-| modelspec.title             | always  | the file name without its suffix (callers pass a better one)         |
-| modelspec.date              | always  | ISO 8601 UTC time of writing, seconds precision                      |
-| modelspec.architecture      | always  | caller's (e.g. "wan-2.2-ti2v-5b/lora"), else "<backbone>/lora"        |
-| modelspec.implementation    | caller  | the upstream code of the architecture (musubi: the Wan repo URL)     |
-| modelspec.resolution        | caller  | "<width>x<height>", checked                                          |
-| ss_network_module, ss_network_dim, ss_network_alpha | kohya | "networks.lora" unless the caller overrides (musubi's Wan: "networks.lora_wan"), max rank, its alpha |
+| key                                  | written | value                                                     |
+|--------------------------------------|---------|-----------------------------------------------------------|
+| format, format_version               | always  | the key layout above, "1"                                 |
+| engine, backbone                     | always  | "video-lora-engine", the backbone registry name (or "")   |
+| rank, alpha, use_rslora              | always  | one value, or a JSON list when layers differ              |
+| targets, components, targets.<comp.> | always* | JSON lists of adapted modules (*the last two: multi-part) |
+| dtype                                | always  | A/B tensor dtype: "float32", "float16", "bfloat16"        |
+| modelspec.sai_model_spec             | always  | "1.0.0" (Stability's ModelSpec, shown by LoRA managers)   |
+| modelspec.title                      | always  | the file name without its suffix; callers pass a better one |
+| modelspec.date                       | always  | ISO 8601 UTC time of writing, to the second               |
+| modelspec.architecture               | backbone| caller's (e.g. "wan-2.2-ti2v-5b/lora"), else "<backbone>/lora" |
+| modelspec.implementation             | caller  | the architecture's upstream code (musubi: the Wan repo URL) |
+| modelspec.resolution                 | caller  | "<width>x<height>", format checked                        |
+| ss_network_module                    | kohya   | "networks.lora", or the caller's (musubi Wan: "networks.lora_wan") |
+| ss_network_dim, ss_network_alpha     | kohya   | the largest rank, its alpha                               |
 
 Caller keys starting with `ss_` are written into kohya files only: they describe kohya's key layout, and a
 diffusers file claiming `networks.lora_wan` would send kohya-style tools the wrong way.
@@ -490,7 +491,8 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
     lf.components = {n.prefixes[fmt]: c for c, n in namings.items() if fmt in n.prefixes}
     if fmt == "peft" and _PEFT_PREFIX not in lf.components and len(namings) == 1:
         lf.components[_PEFT_PREFIX] = next(iter(namings))  # PEFT's wrapper prefix is nobody's naming choice
-    claimed = {(f, pre) for n in namings.values() for f, pre in n.prefixes.items()} | {(fmt, pre) for pre in lf.components}
+    claimed = {(f, pre) for n in namings.values() for f, pre in n.prefixes.items()}
+    claimed |= {(fmt, pre) for pre in lf.components}
     known = sorted({pre for _, pre, _ in candidates if pre}, key=len, reverse=True)
     for key, t in tensors.items():
         c = classified.get(key)

@@ -447,3 +447,11 @@ def test_final_lora_dtype_follows_save_dtype(shared, tmp_path):
         assert {v.dtype for k, v in sd.items() if k.endswith(".weight")} == {torch_dtype}
         ck = load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
         assert {v.dtype for v in ck.values()} == {torch.float32}   # the masters stay fp32
+
+
+def test_kohya_file_carries_the_backbone_metadata(shared, tmp_path):
+    out = tmp_path / "kohya"
+    assert _run(shared, out, "--max-steps", "1", "lora.save_format=kohya") == 0
+    meta = read_lora(out / "lora.safetensors").metadata
+    assert meta["ss_network_module"] == "networks.lora_wan"
+    assert meta["modelspec.architecture"] == "wan-2.2-ti2v-5b/lora" and meta["modelspec.title"] == "kohya"

@@ -151,6 +151,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """Holds the layers under transformers' names; `CLIPTextModel` runs them (and stops early for clip_skip)."""
+
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])

@@ -49,13 +49,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _token_content(value: object, file: Path, key: str) -> str:
+def _token_content(value: object, folder: Path, key: str) -> str:
     """A special token as configs store it: a plain string or an AddedToken dict with 'content'."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{file}: {key}={value!r}; expected a token string or an object with a 'content' string")
+    raise ValueError(f"{folder}: {key}={value!r} in {SPECIAL_TOKENS_FILE} / {CONFIG_FILE}; expected a token "
+                     "string or an object with a 'content' string")
 
 
 def _read_json(file: Path) -> dict:
@@ -117,10 +118,9 @@ class CLIPTokenizer:
         for name in (CONFIG_FILE, SPECIAL_TOKENS_FILE):  # the special-tokens map wins, as in transformers
             if (folder / name).is_file():
                 config.update(_read_json(folder / name))
-        file = folder / CONFIG_FILE
 
         def special(key: str, default: str) -> str:
-            return _token_content(config[key], file, key) if config.get(key) is not None else default
+            return _token_content(config[key], folder, key) if config.get(key) is not None else default
 
         bos, eos = special("bos_token", BOS), special("eos_token", EOS)
         pad, unk = special("pad_token", EOS), special("unk_token", EOS)
@@ -135,16 +135,18 @@ class CLIPTokenizer:
         # Owned copy: specials, truncation and padding are applied per call below.
         tok.no_padding()
         tok.no_truncation()
-        # Specials written in a prompt map to their ids (not to BPE pieces), as transformers does.
-        tok.add_special_tokens([t for t in dict.fromkeys((bos, eos, pad, unk))])
-        self.tok = tok
         ids = {}
         for role, token in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)):
             i = tok.token_to_id(token)
-            if i is None:
-                raise ValueError(f"CLIP tokenizer {folder}: {role} {token!r} is not in the vocabulary; the "
-                                 f"{CONFIG_FILE} does not belong to this {VOCAB_FILE}")
+            if i is None:  # transformers would append it, past the end of the model's embedding table
+                raise ValueError(f"CLIP tokenizer {folder}: {role} {token!r} is not in the vocabulary; its "
+                                 f"{SPECIAL_TOKENS_FILE} / {CONFIG_FILE} do not belong to this vocabulary; "
+                                 "re-download the tokenizer/ folder")
             ids[role] = i
+        # Specials written in a prompt map to their ids (not to BPE pieces), as transformers does.
+        present = [t for t in dict.fromkeys((bos, eos, pad, unk)) if tok.token_to_id(t) is not None]
+        tok.add_special_tokens(present)
+        self.tok = tok
         self.bos_token_id: int = ids["bos_token"]
         self.eos_token_id: int = ids["eos_token"]
         self.pad_token_id: int = ids["pad_token"]

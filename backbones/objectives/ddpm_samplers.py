@@ -80,7 +80,7 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: Spacing,
         # numpy's float arange yields an (N+1)-th point ≈ 0 (timestep −1) for some N (61, 103, ...): diffusers
         # then indexes ᾱ[−1]; the first N points are its grid everywhere else
         ts = (np.round(np.arange(T, 0, -T / N)) - 1)[:N]
-    ts = np.ascontiguousarray(ts, dtype=np.float64)
+    ts = np.array(ts, dtype=np.float64)  # a copy: reversed views have negative strides torch cannot wrap
     if ts.min() < 0 or ts.max() > T - 1:
         raise ValueError(f"{spacing} spacing with num_steps={N}, steps_offset={steps_offset} gives timesteps "
                          f"outside [0, {T - 1}] ({ts.max():g}); use fewer steps or steps_offset=0")

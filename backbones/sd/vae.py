@@ -264,6 +264,12 @@ def _nearest_multiple(n: int, m: int) -> int:
     return max(m, m * round(n / m))
 
 
+def _check_slice_size(n: object) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"slice_size={n!r}; expected a positive int (images per encoder/decoder call) "
+                         "or None for the whole batch")
+
+
 class AutoencoderKL(nn.Module):
     """SD VAE: `encode_dist`/`encode` pixels -> unscaled latents, `decode` unscaled latents -> pixels.
 
@@ -276,6 +282,7 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.cfg = cfg or VAE_PRESETS["sd15"]
         self.scaling_factor = self.cfg.scaling_factor
+        _check_slice_size(slice_size)
         self.slice_size = slice_size
         c = self.cfg
         z = c.latent_channels
@@ -287,13 +294,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(z, z, 1) if c.use_post_quant_conv else None
 
     def _slices(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = self.slice_size
-        if n is None:
-            return (x,)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"slice_size={n!r}; expected a positive int (images per encoder/decoder call) "
-                             "or None for the whole batch")
-        return x.split(n)
+        _check_slice_size(self.slice_size)  # again here: it is a plain attribute callers may reassign
+        return (x,) if self.slice_size is None else x.split(self.slice_size)
 
     def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C_in, H, W] in [-1, 1], H and W multiples of f -> (mean, logvar), each [B, Z, H/f, W/f];

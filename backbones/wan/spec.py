@@ -72,6 +72,10 @@ class WanTI2VSpec(BackboneSpec):
     default_rank = 32
     default_alpha = 32.0
     patch = (1, 2, 2)
+    # what LoRA managers and musubi-tuner read from a kohya-format file
+    lora_file_metadata = {"ss_network_module": "networks.lora_wan",
+                          "modelspec.architecture": "wan-2.2-ti2v-5b/lora",
+                          "modelspec.implementation": "https://github.com/Wan-Video/Wan2.2"}
     default_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 

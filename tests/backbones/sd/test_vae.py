@@ -198,7 +198,9 @@ def test_bad_inputs_name_value_and_fix() -> None:
     with pytest.raises(ValueError, match=r"H=100; it must be a multiple of 8. Nearest valid: 96"):
         sd15.encode(torch.zeros(1, 3, 100, 64, device="meta"))
     for bad in (0, True, 1.5):
-        vae.slice_size = bad
+        with pytest.raises(ValueError, match=rf"slice_size={bad!r}; expected a positive int"):
+            build_vae("tiny", slice_size=bad)  # type: ignore[arg-type]
+        vae.slice_size = bad  # type: ignore[assignment]
         with pytest.raises(ValueError, match="slice_size"):
             vae.decode(torch.zeros(1, 4, 4, 4))
     with pytest.raises(ValueError, match=r"widths \[48\] not divisible by norm_num_groups=32"):
