@@ -108,7 +108,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(hidden_states).chunk(2, dim=-1)
+        gate, value = self.proj(hidden_states).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -163,7 +163,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner = num_attention_heads * attention_head_dim
         self.use_linear_projection = use_linear_projection
-        self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-5, affine=True)
+        self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear_projection else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(inner, num_attention_heads, attention_head_dim, cross_attention_dim)

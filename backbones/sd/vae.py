@@ -63,7 +63,7 @@ class VAEConfig:
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     "sd15": VAEConfig(),
-    # Same topology (two resolutions, so one down/upsample each), 2x compression; ~0.6 M parameters.
+    # Same topology (two resolutions, so one down/upsample each), 2x compression; 658,375 parameters.
     "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32),
 }
 
