@@ -35,7 +35,7 @@ from lora_core import distributed as parallel
 from lora_core import fused
 from lora_core.cache import FeatureCache, build_media_cache, build_text_cache, media_keys, path_identity
 from lora_core.data import GlobalBatches, VideoDataset, load_dataset, resolve_data_config
-from lora_core.data.sample_data import make_sample_dataset
+from lora_core.data.sample_data import make_sample_dataset, make_sample_images
 from lora_core.formats import load_lora, save_lora
 from lora_core.runtime import checkpoint as ckpt
 from lora_core.runtime import run_folder
@@ -137,12 +137,18 @@ def prepare_dataset(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) ->
     if not cfg.data.path:
         folder = Path(cfg.train.output) / "sample_data"
         if info.is_main:
-            make_sample_dataset(folder)
+            images = spec.media_rules(cfg.model.preset).kind == "image"
+            (make_sample_images if images else make_sample_dataset)(folder)
             log.info("no --data given: training on the embedded sample dataset in %s", folder)
         parallel.barrier(info)
         cfg.data.path = str(folder)
     return load_dataset(cfg.data, seed=cfg.train.seed, progress=show_progress(info),
                         rules=spec.media_rules(cfg.model.preset))
+
+
+def trained_set(cfg: Config, spec: BackboneSpec) -> frozenset[str]:
+    """The components that train in this run (mode lora or full)."""
+    return frozenset(n for n, p in plan_training(cfg, spec.components(cfg.model.preset)).items() if p.mode != "frozen")
 
 
 def encoder_ids(cfg: Config, spec: BackboneSpec, device: torch.device) -> dict[str, str]:
@@ -152,8 +158,10 @@ def encoder_ids(cfg: Config, spec: BackboneSpec, device: torch.device) -> dict[s
     paths = [p for p in [src.ckpt_dir, *src.extra.values()] if p is not None]
     weights = path_identity(paths) if paths else "random-seeded"
     dtype = str(model_dtype(cfg, device)).removeprefix("torch.")
-    return {kind: f"{spec.name}:{cfg.model.preset}:{kind}:{','.join(sorted(spec.encoder_parts(cfg.model.preset, kind)))}"
-                  f":{weights}:{dtype}" for kind in ("media", "text")}
+    trained = trained_set(cfg, spec)
+    return {kind: f"{spec.name}:{cfg.model.preset}:{kind}:"
+                  f"{','.join(sorted(spec.encoder_parts(cfg.model.preset, kind, trained)))}:{weights}:{dtype}"
+            for kind in ("media", "text")}
 
 
 @dataclass
@@ -171,13 +179,14 @@ def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: 
     encoders are loaded only if something is missing and freed before the trained model is built."""
     preset = cfg.model.preset
     cache = FeatureCache(cfg.train.cache_dir or Path(cfg.train.output) / "cache")
-    kinds = {f.keyed_by for f in spec.cache_fields(preset)}
+    trained = trained_set(cfg, spec)
+    kinds = {f.keyed_by for f in spec.cache_fields(preset, trained)}
     ids = encoder_ids(cfg, spec, device)
     built: dict[str, Components] = {}
 
     def encoders(kind: str) -> Components:
         if kind not in built:
-            parts = spec.encoder_parts(preset, kind)
+            parts = spec.encoder_parts(preset, kind, trained)
             log.info("loading %s to fill the %s cache", ", ".join(sorted(parts)), kind)
             built[kind] = spec.build(preset, parts, sources_of(cfg), device=device, dtype=model_dtype(cfg, device))
         return built[kind]
@@ -190,7 +199,7 @@ def prepare_cache(cfg: Config, spec: BackboneSpec, dataset: VideoDataset, info: 
     if "text" in kinds:
         captions = {i: dataset.caption(i) for i in range(len(dataset))}
         texts = sorted(set(captions.values()) | {""})
-        build_text_cache(texts, cache, ids["text"], lambda batch: spec.encode_text(encoders("text"), batch),
+        build_text_cache(texts, cache, ids["text"], lambda batch: spec.encode_text(encoders("text"), batch, trained),
                          rank=info.rank, world=info.world_size, progress=show_progress(info))
         text = {i: cache.text_key(c, ids["text"]) for i, c in captions.items()}
         empty = cache.text_key("", ids["text"])
@@ -563,7 +572,8 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
     drops = [DropRule(c.name, c.fields, c.null, float(cfg.data.condition_dropout.get(c.name, 0.0)))
              for c in spec.conditions(preset)]
     reader = BatchReader(cached.cache.get, cached.media, cached.text, cached.empty_text,
-                         [FieldSource(f.name, f.keyed_by) for f in spec.cache_fields(preset)], drops,
+                         [FieldSource(f.name, f.keyed_by) for f in spec.cache_fields(preset, trained_set(cfg, spec))],
+                         drops,
                          meta=lambda i: dataset.meta(i), seed=cfg.train.seed,
                          describe=lambda i: str(dataset.samples[i].path), prefetch=cfg.train.prefetch)
     amp = autocast_dtype(cfg, device)

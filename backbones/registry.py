@@ -13,7 +13,12 @@ def _wan() -> BackboneSpec:
     return WanTI2VSpec()
 
 
-_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan}
+def _sd15() -> BackboneSpec:
+    from .sd.sd15 import SD15Spec
+    return SD15Spec()
+
+
+_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan, "sd15": _sd15}
 _CACHE: dict[str, BackboneSpec] = {}
 
 

@@ -46,7 +46,8 @@ class Component:
 
     `modes` lists how it may be trained, the default first ("frozen" alone: never trained). `in_training`: the
     objective calls it every step, so train.py builds it (the trained networks and any frozen network they need);
-    encoders used only to fill the cache say False. `lora_targets`: default LoRA target patterns (PEFT matching);
+    encoders used only to fill the cache say False, and join training when the config trains them (e.g. a text
+    encoder with LoRA: its outputs can then no longer be cached, see `cache_fields(preset, trained)`). `lora_targets`: default LoRA target patterns (PEFT matching);
     `full_patterns`: regexes of the parameter names "full" mode trains (empty: all of them). `naming`: the key
     prefixes (and key map) of its LoRA modules in each file format."""
 
@@ -157,7 +158,9 @@ class BackboneSpec:
     def media_rules(self, preset: str) -> MediaRules:
         raise NotImplementedError
 
-    def cache_fields(self, preset: str) -> list[CacheField]:
+    def cache_fields(self, preset: str, trained: frozenset[str] = frozenset()) -> list[CacheField]:
+        """What is cached; `trained` names the components that train in this run (an encoder that trains cannot
+        have its outputs cached, so the spec caches its inputs instead)."""
         raise NotImplementedError
 
     def conditions(self, preset: str) -> list[Condition]:
@@ -201,10 +204,7 @@ class BackboneSpec:
             raise ValueError(f"backbone {self.name!r} has no preset {preset!r}; choose one of "
                              f"{', '.join(self.presets)}")
 
-    def trained_components(self, preset: str) -> list[str]:
-        return [n for n, c in self.components(preset).items() if c.in_training]
-
-    def encoder_parts(self, preset: str, keyed_by: str) -> set[str]:
+    def encoder_parts(self, preset: str, keyed_by: str, trained: frozenset[str] = frozenset()) -> set[str]:
         """Components `encode_media` ("media") or `encode_text` ("text") needs."""
         return set()
 
@@ -253,7 +253,8 @@ class BackboneSpec:
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_text(self, comps: Components, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    def encode_text(self, comps: Components, texts: list[str],
+                    trained: frozenset[str] = frozenset()) -> list[dict[str, torch.Tensor]]:
         """Texts -> their text-keyed cache fields, one dict each."""
         return [{} for _ in texts]
 

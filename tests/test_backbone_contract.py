@@ -119,13 +119,13 @@ class ToySpec(BackboneSpec):
         return MediaRules(kind="image", frame_sampling="fps", fps=1.0, frame_stride=1, frame_multiple=1,
                           frame_offset=0, size_multiple=16, default_frames=1, default_height=32, default_width=32)
 
-    def cache_fields(self, preset: str) -> list[CacheField]:
+    def cache_fields(self, preset: str, trained: frozenset[str] = frozenset()) -> list[CacheField]:
         return [CacheField("latents", "media"), CacheField("cond", "media")]
 
     def conditions(self, preset: str) -> list[Condition]:
         return [Condition("image", fields=("cond",), null="zeros")]
 
-    def encoder_parts(self, preset: str, keyed_by: str) -> set[str]:
+    def encoder_parts(self, preset: str, keyed_by: str, trained: frozenset[str] = frozenset()) -> set[str]:
         return {"vae"}
 
     def objective_config(self, preset: str) -> ToyObjectiveConfig:

@@ -211,11 +211,11 @@ class UNet2DConditionModel(nn.Module):
             dtype = torch.float32 if isinstance(timestep, float) else torch.int64
             timestep = torch.tensor([timestep], dtype=dtype, device=device)
         elif timestep.ndim == 0:
-            timestep = timestep[None].to(device)
+            timestep = timestep[None]
         if timestep.ndim != 1 or timestep.shape[0] not in (1, b):
             raise ValueError(f"timestep has shape {tuple(timestep.shape)}; expected a number, a 0-d tensor, [1] "
                              f"or [{b}] (one per sample)")
-        return timestep.expand(b)
+        return timestep.to(device).expand(b)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 encoder_hidden_states: torch.Tensor, *,

@@ -108,7 +108,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate, value = self.proj(hidden_states).chunk(2, dim=-1)
+        value, gate = self.proj(hidden_states).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 

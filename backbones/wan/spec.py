@@ -98,13 +98,13 @@ class WanTI2VSpec(BackboneSpec):
                           frame_offset=1, size_multiple=32, default_frames=121, default_height=704,
                           default_width=1280)
 
-    def cache_fields(self, preset: str) -> list[CacheField]:
+    def cache_fields(self, preset: str, trained: frozenset[str] = frozenset()) -> list[CacheField]:
         return [CacheField("latents", "media"), CacheField("context", "text")]
 
     def conditions(self, preset: str) -> list[Condition]:
         return [Condition("caption", fields=("context",), null="empty_text")]
 
-    def encoder_parts(self, preset: str, keyed_by: str) -> set[str]:
+    def encoder_parts(self, preset: str, keyed_by: str, trained: frozenset[str] = frozenset()) -> set[str]:
         return {"vae"} if keyed_by == "media" else {"text_encoder"}
 
     def objective_config(self, preset: str) -> flow.FlowObjectiveConfig:
@@ -295,7 +295,8 @@ class WanTI2VSpec(BackboneSpec):
         return {"latents": self.encode_video(comps, item["video"][None])[0].cpu()}
 
     @torch.no_grad()
-    def encode_text(self, comps: Components, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    def encode_text(self, comps: Components, texts: list[str],
+                    trained: frozenset[str] = frozenset()) -> list[dict[str, torch.Tensor]]:
         """texts -> {"context": [L_i, 4096]} each, trimmed to the real length (upstream)."""
         enc = comps["text_encoder"]
         dev = next(enc.parameters()).device

@@ -109,3 +109,23 @@ def make_sample_dataset(
         *(num_clips, width, height, num_frames, fps, out),
     )
     return out
+
+
+def make_sample_images(dir: str | Path, num_images: int = 8, *, height: int = 64, width: int = 64) -> Path:
+    """Write img_000.png + img_000.txt, ... (the same scenes as the clips, the shape where its motion starts);
+    the embedded dataset of image backbones. Deterministic; an existing identical set is left untouched."""
+    from PIL import Image
+
+    if num_images < 1:
+        raise ValueError(f"need num_images >= 1, got {num_images}")
+    out = Path(dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        video, caption = _render(i, height, width, 2)
+        caption = caption.replace(" moving ", " at the start of its way ")
+        png, txt = out / f"img_{i:03d}.png", out / f"img_{i:03d}.txt"
+        if not (png.is_file() and txt.is_file() and txt.read_text(encoding="utf-8").strip() == caption):
+            Image.fromarray(video[0]).save(png)
+            txt.write_text(caption + "\n", encoding="utf-8")
+    logger.info("wrote the sample image dataset (%d images, %dx%d) to %s", num_images, width, height, out)
+    return out

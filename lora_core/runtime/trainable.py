@@ -50,11 +50,8 @@ def plan_training(cfg: Any, components: Mapping[str, Any]) -> dict[str, TrainPla
         if mode not in comp.modes:
             raise ValueError(f"components.{name}.mode={mode!r}: component {name!r} can be trained as "
                              f"{' | '.join(comp.modes)}")
-        if not comp.in_training:
-            if mode != "frozen":
-                raise ValueError(f"components.{name}.mode={mode!r}: this backbone only uses {name!r} to fill the "
-                                 "cache, so it cannot train")
-            continue
+        if not comp.in_training and mode == "frozen":
+            continue  # an encoder that only fills the cache
         lora = cfg.lora
         targets = (over.targets if over is not None and over.targets else None)
         if targets is None:
