@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for opt in spec.sample_options(preset):
         ap.add_argument(f"--{opt.name.replace('_', '-')}", dest=f"extra__{opt.name}", type=opt.type,
                         choices=opt.choices, default=None, help=opt.help)
+    ap.add_argument("--num-images", type=int, default=1, metavar="N",
+                    help="outputs per prompt (N > 1 writes NAME_0, NAME_1, ... beside --output)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     ap.add_argument("--offload", action="store_true",
@@ -186,9 +188,11 @@ def resolve(args: argparse.Namespace) -> Request:
         output = args.output or ("out.png" if rules.kind == "image" else "out.mp4")
         _check_output(output, rules.kind)
     images = {name: load_image(path, height, width) for name, path in images_given.items()}
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images}: need at least 1")
     sample = None
     if wants_sample:
-        sample = SampleRequest(prompts=[prompt] if prompt is not None else None,
+        sample = SampleRequest(prompts=[prompt] * args.num_images if prompt is not None else None,
                                negative_prompt=getattr(args, "negative_prompt", None), images=images,
                                frames=frames, height=height, width=width, steps=steps, guidance=args.guidance,
                                seed=args.seed, extras=extras)
@@ -312,11 +316,21 @@ def generate(req: Request, progress: bool = False) -> torch.Tensor | None:
             m.eval()
     video = spec.sample(comps, req.sample, device=req.device, autocast_dtype=torch.bfloat16 if cuda else None,
                         offload=req.offload, progress=progress)
-    return video[0].float().cpu()  # [C, F, H, W]
+    return video.float().cpu() if req.sample.batch_size > 1 else video[0].float().cpu()  # [(B,) C, F, H, W]
 
 
-def main(argv: list[str] | None = None) -> Path | int:
-    """Returns the written file's path, or 0 after an export-only run."""
+def output_paths(output: str, n: int) -> list[str]:
+    """--output for one result; NAME_0.EXT, NAME_1.EXT, ... (or FOLDER/0/, ...) for several."""
+    if n == 1:
+        return [output]
+    if _is_folder(output):
+        return [str(Path(output) / str(i)) + "/" for i in range(n)]
+    p = Path(output)
+    return [str(p.with_name(f"{p.stem}_{i}{p.suffix}")) for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> Path | list[Path] | int:
+    """Returns the written path (a list of them with --num-images > 1), or 0 after an export-only run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     req = resolve(parse_args(argv))
     video = generate(req, progress=True)
@@ -324,9 +338,12 @@ def main(argv: list[str] | None = None) -> Path | int:
         return 0
     from lora_core.data.video_io import write_video
     assert req.output is not None and req.sample is not None
-    path = write_video(video, req.output, fps=get_backbone(req.backbone).media_rules(req.preset).fps)
-    log.info("wrote %s (%d frames, %dx%d)", path, video.shape[1], req.sample.width, req.sample.height)
-    return path
+    fps = get_backbone(req.backbone).media_rules(req.preset).fps
+    videos = list(video) if video.ndim == 5 else [video]
+    paths = [write_video(v, p, fps=fps) for v, p in zip(videos, output_paths(req.output, len(videos)))]
+    for path in paths:
+        log.info("wrote %s (%d frames, %dx%d)", path, video.shape[-3], req.sample.width, req.sample.height)
+    return paths[0] if len(paths) == 1 else paths
 
 
 if __name__ == "__main__":

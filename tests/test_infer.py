@@ -303,3 +303,11 @@ def test_options_come_from_the_backbone() -> None:
     assert req.sample.extras == {"shift": 3.0, "sampler": "euler"}
     with pytest.raises(SystemExit):
         infer.parse_args(["--backbone", "wan_ti2v", "--prompt", "x", "--sampler", "ddim"])
+
+
+def test_num_images_writes_one_file_each(tmp_path: Path) -> None:
+    paths = infer.main([*FAST, "--frames", "1", "--steps", "1", "--num-images", "2", "--output",
+                        str(tmp_path / "v.gif")])
+    assert [p.name for p in paths] == ["v_0.gif", "v_1.gif"] and all(p.is_file() for p in paths)
+    with pytest.raises(ValueError, match="--num-images 0"):
+        infer.main([*FAST, "--num-images", "0"])
