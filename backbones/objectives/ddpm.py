@@ -216,7 +216,7 @@ def draw_training_noise(x0: torch.Tensor, cfg: DDPMObjectiveConfig, generators: 
         ts.append(torch.randint(0, cfg.num_train_timesteps, (1,), generator=g, device=g.device))
         eps = torch.randn(x0.shape[1:], generator=g, device=g.device, dtype=torch.float32)
         if cfg.noise_offset > 0:
-            off = torch.randn((x0.shape[1],) + (1,) * (x0.ndim - 2), device=g.device)
+            off = torch.randn((x0.shape[1],) + (1,) * (x0.ndim - 2), generator=g, device=g.device)
             eps = eps + cfg.noise_offset * off
         noises.append(eps)
     return torch.cat(ts).to(x0.device), torch.stack(noises).to(x0.device)

@@ -114,6 +114,7 @@ class DDPMSampler:
         self.prediction = prediction
         self.spacing = spacing
         self.steps_offset = steps_offset
+        self.timesteps = torch.empty(0)
         self._i = 0
 
     def set_timesteps(self, num_steps: int) -> None:
@@ -177,6 +178,8 @@ class DDIMSampler(DDPMSampler):
         self._i = 0
 
     def step(self, pred: torch.Tensor, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.timesteps):
+            raise ValueError("call set_timesteps(num_steps) before step()")
         t_val = float(t)
         if t_val != round(t_val) or not 0 <= t_val < self.T:
             raise ValueError(f"DDIM timesteps are integers in [0, {self.T - 1}], got {t_val:g}")

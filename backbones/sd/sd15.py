@@ -109,11 +109,12 @@ class SD15Spec(BackboneSpec):
                 "validation.width": 512, "validation.steps": 30, "validation.guidance": 7.5}
 
     def cache_fields(self, preset: str, trained: frozenset[str] = frozenset()) -> list[CacheField]:
-        text = "input_ids" if "text_encoder" in trained else "context"
-        return [CacheField("latent_mean", "media"), CacheField("latent_logvar", "media"), CacheField(text, "text")]
+        # one text field in both modes (token ids [77] when the text encoder trains, else its encoding [77, D]),
+        # so the caption condition names a field the cache always has
+        return [CacheField("latent_mean", "media"), CacheField("latent_logvar", "media"), CacheField("text", "text")]
 
     def conditions(self, preset: str) -> list[Condition]:
-        return [Condition("caption", fields=("context", "input_ids"), null="empty_text")]
+        return [Condition("caption", fields=("text",), null="empty_text")]
 
     def encoder_parts(self, preset: str, keyed_by: str, trained: frozenset[str] = frozenset()) -> set[str]:
         if keyed_by == "media":
@@ -211,10 +212,10 @@ class SD15Spec(BackboneSpec):
                     trained: frozenset[str] = frozenset()) -> list[dict[str, torch.Tensor]]:
         ids = comps["tokenizer"](texts)  # [B, 77]
         if "text_encoder" in trained:
-            return [{"input_ids": row} for row in ids]
+            return [{"text": row} for row in ids]
         enc = comps["text_encoder"]
         context = enc(ids.to(next(enc.parameters()).device)).float().cpu()  # [B, 77, D]
-        return [{"context": c} for c in context]
+        return [{"text": c} for c in context]
 
     # ------------------------------------------------------------------------------ objective
     def training_loss(self, models: dict[str, nn.Module], batch: Batch, cfg: ddpm.DDPMObjectiveConfig) -> torch.Tensor:
@@ -224,10 +225,8 @@ class SD15Spec(BackboneSpec):
         gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean.device)
         x0 = (mean + torch.exp(0.5 * logvar) * eps) * self._scale(models)
-        if "input_ids" in batch.fields:
-            context = models["text_encoder"](batch.stack("input_ids"))
-        else:
-            context = batch.stack("context")
+        text = batch.stack("text")  # token ids [B, 77] when the text encoder trains, else [B, 77, D]
+        context = models["text_encoder"](text) if "text_encoder" in models else text
         unet = models["unet"]
         inp = ddpm.training_inputs(x0, cfg, gens)
         pred = unet(inp.x_t, inp.t, context)
