@@ -242,6 +242,8 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        # contiguous: the channels-last nearest kernel fails for large batches (diffusers issue 984)
+        hidden_states = hidden_states.contiguous()
         if output_size is None:
             hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 
 from backbones.attention import attention
 
+from .unet_blocks import Downsample2D as _UNetDownsample
+from .unet_blocks import ResnetBlock2D as _UNetResnet
+from .unet_blocks import Upsample2D
+
 NORM_EPS = 1e-6  # every GroupNorm of the VAE (diffusers hard-codes it; the UNet uses 1e-5)
 LOGVAR_RANGE = (-30.0, 20.0)  # DiagonalGaussianDistribution's clamp: keeps exp(logvar / 2) finite
 
@@ -68,26 +72,18 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 }
 
 
-class ResnetBlock2D(nn.Module):
-    """[GroupNorm, SiLU, conv3, GroupNorm, SiLU, dropout, conv3] + (1x1 conv or identity) shortcut, no
-    time embedding (the VAE's variant of diffusers' ResnetBlock2D). x [B, C_in, H, W] -> [B, C_out, H, W]."""
+class ResnetBlock2D(_UNetResnet):
+    """The UNet's ResnetBlock2D without a time embedding (the VAE's variant), eps 1e-6.
+    x [B, C_in, H, W] -> [B, C_out, H, W]. GroupNorm runs in the activation dtype as diffusers does; torch
+    accumulates its statistics in fp32 for half inputs, so no explicit fp32 island is needed."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 32, eps: float = NORM_EPS,
                  dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        super().__init__(in_channels, out_channels, temb_channels=None, groups=groups, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GroupNorm runs in the activation dtype as diffusers does; torch accumulates its statistics in
-        # fp32 for half inputs, so no explicit fp32 island is needed for parity or stability
-        y = self.conv1(F.silu(self.norm1(x)))
-        y = self.conv2(self.dropout(F.silu(self.norm2(y))))
-        return y + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, None)
 
 
 _LEGACY_ATTN_NAMES = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
@@ -143,31 +139,12 @@ class UNetMidBlock2D(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample2D(nn.Module):
-    """Zero pad right/bottom by one, then conv3 stride 2 with no padding. [B, C, H, W] -> [B, C, H/2, W/2].
-
-    The asymmetric pad is what the LDM weights were trained with; symmetric padding=1 gives the same
-    shape but shifts every output by half a pixel. Padding outside the conv keeps `_conv_forward` (where
-    LoRA adds its delta) seeing exactly the input the base kernel sees."""
+class Downsample2D(_UNetDownsample):
+    """Zero pad right/bottom by one, then conv3 stride 2 with no padding: what the LDM weights were trained with
+    (symmetric padding=1 gives the same shape but shifts every output by half a pixel). [B, C, H, W] -> [B, C, H/2, W/2]."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2D(nn.Module):
-    """Nearest 2x upsampling then conv3. [B, C, H, W] -> [B, C, 2H, 2W]."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous: the channels-last nearest kernel fails for large batches (diffusers issue 984)
-        return self.conv(F.interpolate(x.contiguous(), scale_factor=2.0, mode="nearest"))
+        super().__init__(channels, padding=0)
 
 
 class DownEncoderBlock2D(nn.Module):
