@@ -129,6 +129,9 @@ class LoRANaming:
 
     prefixes: dict[str, str]
     key_map: KeyMap | None = None
+    # reading only: own module name -> another name files use for it (e.g. SD's LDM names, which kohya files of
+    # the A1111 era carry as `lora_unet_input_blocks_1_1_...`); None where a module has no other name
+    alias: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.prefixes) - set(_READ_FORMATS))
@@ -136,7 +139,7 @@ class LoRANaming:
             raise ValueError(f"LoRANaming prefixes name unknown formats {unknown}; use {', '.join(_READ_FORMATS)}")
 
     def __hash__(self) -> int:  # a dict field is unhashable; frozen specs holding a naming should stay hashable
-        return hash((tuple(sorted(self.prefixes.items())), self.key_map))
+        return hash((tuple(sorted(self.prefixes.items())), self.key_map, self.alias))
 
     @classmethod
     def default(cls, key_map: KeyMap | None = None, *, native: str | None = "",
@@ -381,6 +384,9 @@ _ROLES = [  # (regex on the key's tail, role, formats that write this tail)
     (r"\.lora_down\.weight$", "A", frozenset({"kohya", "comfyui", "native"})),
     (r"\.lora_up\.weight$", "B", frozenset({"kohya", "comfyui", "native"})),
     (r"\.lora_A$", "A", frozenset({"native"})), (r"\.lora_B$", "B", frozenset({"native"})),
+    # the legacy diffusers spellings (attention processors, LoRACompatible layers) of diffusers < 0.21 files
+    (r"\.lora\.down\.weight$", "A", frozenset({"diffusers"})), (r"\.lora\.up\.weight$", "B", frozenset({"diffusers"})),
+    (r"_lora\.down\.weight$", "A", frozenset({"diffusers"})), (r"_lora\.up\.weight$", "B", frozenset({"diffusers"})),
     (r"\.alpha$", "alpha", frozenset(_READ_FORMATS)),
 ]
 
@@ -401,12 +407,21 @@ def _resolve_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     return p, (json.loads(cfg.read_text()) if cfg.is_file() else None)
 
 
+_LEGACY_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+
+
 def _split(key: str) -> tuple[str, str, frozenset[str]] | None:
     """(key without its LoRA tail, role, formats writing that tail), or None for no LoRA A/B/alpha key."""
     for pattern, role, formats in _ROLES:
         m = re.search(pattern, key)
         if m:
-            return key[:m.start()], role, formats
+            body = key[:m.start()]
+            # `attn1.processor.to_q_lora.down` and `to_out_lora` name the layers `attn1.to_q` and `attn1.to_out.0`
+            legacy = _LEGACY_PROCESSOR.search(body)
+            if legacy is not None:
+                layer = legacy.group(1)
+                body = body[:legacy.start()] + "." + (layer + ".0" if layer == "to_out" else layer)
+            return body, role, formats
     return None
 
 
@@ -433,6 +448,13 @@ def _classify(body: str, formats: frozenset[str], candidates: Sequence[tuple[str
     if fmt == "kohya":
         stem = stem.lstrip("_")  # Wan-Fun files use lora_unet__blocks_...
     return fmt, prefix, stem
+
+
+def _try_alias(alias: Callable[[str], str | None], name: str) -> str | None:
+    try:
+        return alias(name)
+    except (ValueError, KeyError):
+        return None
 
 
 def _as_namings(naming: Namings | None) -> dict[str, LoRANaming]:
@@ -590,6 +612,12 @@ def _plan(components: dict[str, nn.Module], namings: dict[str, LoRANaming],
         if lf.format == "kohya":
             if c not in underscore:
                 underscore[c] = {n.replace(".", "_"): n for n in names}
+                alias = namings[c].alias if c in namings else None
+                if alias is not None:  # the other naming's underscored form, where it does not collide
+                    for n in names:
+                        other = _try_alias(alias, n)
+                        if other is not None:
+                            underscore[c].setdefault(other.replace(".", "_"), n)
             name = underscore[c].get(stem)
         elif lf.format in ("diffusers", "peft"):
             candidates = [stem]

@@ -95,8 +95,9 @@ def locate(component: str, ckpt: Path | None, override: Path | None) -> Source:
     return Source((path,), "ldm", _PREFIXES[component])
 
 
-def _rename(component: str, src: Source, num_up_blocks: int) -> Callable[[str], str | None]:
-    """File key -> model key (None: not this component's key)."""
+def _rename(component: str, src: Source, model: nn.Module) -> Callable[[str], str | None]:
+    """File key -> model key (None: not this component's key); `model` gives the UNet's layout (its LDM block
+    indices depend on it) and the VAE's up-block count."""
     if src.layout == "diffusers" or src.layout == "diffusers-vae-file":
         return (lambda k: clip_file_key(k)) if component == "text_encoder" else (lambda k: k)
     prefix = src.prefix
@@ -109,8 +110,8 @@ def _rename(component: str, src: Source, num_up_blocks: int) -> Callable[[str], 
         rest = key[len(prefix):]
         try:
             if component == "unet":
-                return unet_from_ldm(rest)
-            return vae_from_ldm(rest, num_up_blocks)
+                return unet_from_ldm(rest, model.config)  # type: ignore[arg-type]
+            return vae_from_ldm(rest, _vae_up_blocks(model))
         except (ValueError, KeyError):
             return "__unknown__." + rest  # reported by the shape check as an unexpected key
     return ldm
@@ -131,7 +132,7 @@ def check(component: str, src: Source, meta: nn.Module) -> None:
                                                to="diffusers", num_up_blocks=_vae_up_blocks(meta))
         found = {k: tuple(v.shape) for k, v in converted.items()}
     else:
-        rename = _rename(component, src, _vae_up_blocks(meta) if component == "vae" else 0)
+        rename = _rename(component, src, meta)
         for f in src.files:
             for k, s in _keys_and_shapes(f).items():
                 new = rename(k)
@@ -158,7 +159,7 @@ def load(component: str, src: Source, model: nn.Module, *, dtype: torch.dtype, d
         sd = convert_vae_ldm_state_dict(sub, to="diffusers", num_up_blocks=_vae_up_blocks(model))
         load_state_dict_into(model, sd, src.where, dtype=dtype, device=device)
         return
-    load_state_dict_into(model, sd, src.where, rename=_rename(component, src, 0), dtype=dtype, device=device)
+    load_state_dict_into(model, sd, src.where, rename=_rename(component, src, model), dtype=dtype, device=device)
 
 
 def tokenizer_folder(ckpt: Path | None, override: Path | None) -> Path:

@@ -15,6 +15,8 @@ Shapes: B batch, H/W image height/width, h/w latent ones (H/8), L = 77 tokens, D
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -33,6 +35,7 @@ from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Cond
                     SampleRequest, Sources)
 from . import checkpoint as ck
 from .unet import UNET_PRESETS, UNet2DConditionModel
+from .unet_ldm_keymap import unet_to_ldm
 from .vae import VAE_PRESETS, AutoencoderKL
 
 TEXT_PRESET = {"sd15": "clip-l", "tiny": "tiny"}
@@ -46,6 +49,15 @@ UNET_NAMING = LoRANaming(prefixes={"native": "", "kohya": "lora_unet_", "diffuse
 TEXT_NAMING = LoRANaming(prefixes={"native": "text_encoder.", "kohya": "lora_te_", "diffusers": "text_encoder."},
                          key_map=KeyMap.identity(prefix="text_encoder."))
 _TINY_TOKENIZER: dict[str, Path] = {}
+_NAMINGS: dict[str, LoRANaming] = {}
+
+
+def unet_naming(preset: str) -> LoRANaming:
+    """UNET_NAMING that also reads kohya files in LDM names (`lora_unet_input_blocks_1_1_...`, A1111-era)."""
+    if preset not in _NAMINGS:
+        _NAMINGS[preset] = dataclasses.replace(
+            UNET_NAMING, alias=functools.partial(unet_to_ldm, config=UNET_PRESETS[preset]))
+    return _NAMINGS[preset]
 
 
 @contextlib.contextmanager
@@ -83,7 +95,7 @@ class SD15Spec(BackboneSpec):
         self.check_preset(preset)
         return {
             "unet": Component("unet", modes=("lora", "full", "frozen"), in_training=True, lora_targets=UNET_TARGETS,
-                              naming=UNET_NAMING, description="UNet2DConditionModel (the denoiser)"),
+                              naming=unet_naming(preset), description="UNet2DConditionModel (the denoiser)"),
             "text_encoder": Component("text_encoder", modes=("frozen", "lora"), lora_targets=TEXT_TARGETS,
                                       naming=TEXT_NAMING, description="CLIP ViT-L/14 text encoder"),
             "vae": Component("vae", description="AutoencoderKL (8x, 4 channels, scale 0.18215)"),

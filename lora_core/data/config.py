@@ -55,6 +55,7 @@ class DataConfig:
     buckets: bool = True
     max_aspect: float = 4.0  # widest/tallest bucket generated
     crop: str = "random"  # "random" | "center" (random is still a fixed function of seed, index)
+    flip: bool = False  # mirror half the samples (the whole clip), chosen per sample by (seed, index); cached as such
     clip_start: str = "random"  # "random" | "head" | "center"
     short_clips: str = "shorten"  # "shorten" (longest valid count the clip has) | "skip"
     # Probability that classifier-free-guidance training drops each of the backbone's conditions, by name

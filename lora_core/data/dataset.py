@@ -21,7 +21,8 @@ from lora_core.data.images import open_image, resize_crop
 from lora_core.data.layouts import DataReport, Sample, scan_dataset
 from lora_core.data.probe import clip_frames, frame_stride, probe_samples, sampled_fps
 from lora_core.data.rules import MediaRules
-from lora_core.data.sampling import make_buckets, nearest_bucket, resize_crop_plan, select_frames, with_trigger
+from lora_core.data.sampling import (make_buckets, nearest_bucket, resize_crop_plan, sample_rng, select_frames,
+                                     with_trigger)
 from lora_core.data.video_io import _short, decode_frames, open_reader
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ClipPlan:
     frames: list[int]  # source frame indices
     resize: tuple[int, int]  # (H, W) before the crop
     crop: tuple[int, int]  # (top, left)
+    flip: bool = False  # mirrored left-right after the crop
 
 
 class SampleReadError(ValueError):
@@ -108,7 +110,8 @@ class VideoDataset(Dataset):
             )
         sh, sw = src_size or (s.height, s.width)
         rh, rw, top, left = resize_crop_plan(sh, sw, h, w, self.seed, index, cfg.crop == "random")
-        return ClipPlan((f, h, w), frames, (rh, rw), (top, left))
+        flip = bool(cfg.flip) and bool(sample_rng(self.seed, index, "flip").random() < 0.5)
+        return ClipPlan((f, h, w), frames, (rh, rw), (top, left), flip)
 
     def preprocess_params(self, index: int, include_caption: bool = True) -> dict[str, Any]:
         """What decides the tensors of sample `index`, for cache keys."""
@@ -116,6 +119,8 @@ class VideoDataset(Dataset):
         out: dict[str, Any] = dict(
             version=PREPROCESS_VERSION, bucket=list(p.bucket), frames=p.frames, resize=list(p.resize), crop=list(p.crop)
         )
+        if p.flip:  # only when set, so caches of unflipped runs keep their keys
+            out["flip"] = True
         if include_caption:
             out["caption"] = self.caption(index)
         return out
@@ -141,6 +146,8 @@ class VideoDataset(Dataset):
             raise SampleReadError(f"cannot decode {s.path}: {_short(e)}") from e
         plan = self.plan(index, frames.shape[1:3])  # decoded size wins if the probe was stale
         video = resize_crop(frames, plan.resize, plan.crop, (plan.bucket[1], plan.bucket[2]))
+        if plan.flip:
+            video = video.flip(-1)  # [C, F, H, W]: the width
         return dict(
             video=video, caption=self.caption(index), key=s.key, path=str(s.path), index=index,
             meta=self.meta(index, plan),

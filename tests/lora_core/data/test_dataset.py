@@ -251,3 +251,23 @@ def test_collate_refuses_mixed_buckets() -> None:
         collate(items)
     out = collate([items[0], items[0]])
     assert out["video"].shape == (2, 3, 1, 32, 32) and out["key"] == ["a", "a"]
+
+
+def test_flip_mirrors_a_fixed_half_of_the_samples_and_enters_the_cache_key(tmp_path):
+    """data.flip: each sample mirrored or not by (seed, index), the whole clip at once; the choice is part of
+    the preprocessing plan, so a cached latent is never reused for the other orientation."""
+    from lora_core.data import DataConfig, load_dataset
+    from lora_core.data.sample_data import make_sample_images
+    folder = make_sample_images(tmp_path / "imgs", num_images=8)
+    base = dict(path=str(folder), num_frames=1, height=64, width=64, fps=0.0, frame_multiple=1, frame_offset=0,
+                size_multiple=16, kind="image", frame_sampling="fps", frame_stride=1, crop="center")
+    plain = load_dataset(DataConfig(**base), seed=3, progress=False)
+    flipped = load_dataset(DataConfig(**base, flip=True), seed=3, progress=False)
+    which = [flipped.plan(i).flip for i in range(len(flipped))]
+    assert 0 < sum(which) < len(which)
+    for i, f in enumerate(which):
+        a, b = plain.load(i)["video"], flipped.load(i)["video"]
+        assert torch.equal(b, a.flip(-1) if f else a)
+        assert (flipped.preprocess_params(i) != plain.preprocess_params(i)) == f
+    again = load_dataset(DataConfig(**base, flip=True), seed=3, progress=False)
+    assert [again.plan(i).flip for i in range(len(again))] == which
