@@ -241,7 +241,7 @@ def test_toy_family_trains_its_lora_with_its_own_objective(images, tmp_path):
     # the objective on every cached sample with fixed draws, before and after the LoRA
     spec = registry.get_backbone(NAME)
     vae, unet = spec.build("tiny", {"vae"})["vae"], spec.build("tiny", {"unet"})["unet"]
-    items = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))[4:36, 8:40]).permute(2, 0, 1)
+    items = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))[4:36, 8:40]).permute(2, 0, 1)
              for p in sorted(images.glob("*.png"))]
     with torch.no_grad():
         z = [spec.encode_media({"vae": vae}, {"video": (x.float() / 127.5 - 1)[:, None]}) for x in items]
