@@ -20,7 +20,7 @@ from backbones.attention import attention
 from backbones.cogvideox.transformer import (TRANSFORMER_PRESETS, CogVideoXConfig, CogVideoXTransformer3DModel,
                                              rotary_pos_embed_3d)
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).parent  # copies of ../shared/reference key lists
 TINY = TRANSFORMER_PRESETS["tiny"]
 TINY_ROPE = dataclasses.replace(TINY, use_rotary_positional_embeddings=True)
 TINY_I2V = dataclasses.replace(TINY_ROPE, in_channels=32, use_learned_positional_embeddings=True)
