@@ -159,9 +159,13 @@ def encoder_ids(cfg: Config, spec: BackboneSpec, device: torch.device) -> dict[s
     weights = path_identity(paths) if paths else "random-seeded"
     dtype = str(model_dtype(cfg, device)).removeprefix("torch.")
     trained = trained_set(cfg, spec)
+    fields = spec.cache_fields(cfg.model.preset, trained)
+
+    def names(kind: str) -> str:  # an entry holding other fields (a spec change) must miss, never KeyError later
+        return ",".join(sorted(f.name for f in fields if f.keyed_by == kind))
     return {kind: f"{spec.name}:{cfg.model.preset}:{kind}:"
-                  f"{','.join(sorted(spec.encoder_parts(cfg.model.preset, kind, trained)))}:{weights}:{dtype}"
-            for kind in ("media", "text")}
+                  f"{','.join(sorted(spec.encoder_parts(cfg.model.preset, kind, trained)))}:{names(kind)}:"
+                  f"{weights}:{dtype}" for kind in ("media", "text")}
 
 
 @dataclass

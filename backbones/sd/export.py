@@ -22,6 +22,13 @@ def _config_json(cfg: object, cls: str) -> dict:
     out = {"_class_name": cls}
     for k, v in dataclasses.asdict(cfg).items():  # type: ignore[call-overload]
         out[k] = list(v) if isinstance(v, tuple) else v
+    if cls == "AutoencoderKL":
+        # not fields of VAEConfig (fixed there), but diffusers' defaults are ONE block each: without them
+        # from_pretrained builds a smaller VAE and silently drops the other blocks' weights
+        n = len(out["block_out_channels"])
+        out.update(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n, act_fn="silu")
+    if cls == "CLIPTextModel":  # what transformers' AutoConfig / AutoModel dispatch on
+        out.update(architectures=[cls], model_type="clip_text_model")
     return out
 
 
