@@ -60,3 +60,15 @@ def test_legacy_diffusers_spellings_are_read(tmp_path):
     # no alpha anywhere: the ecosystem's convention alpha == rank, scale 1
     x = torch.randn(2, mods[ff].in_features)
     torch.testing.assert_close(mods[ff](x), x @ (mods[ff].weight + b @ a).T + mods[ff].bias, rtol=1e-5, atol=1e-5)
+
+
+def test_default_and_kohya_target_sets_count_as_documented():
+    """On the real SD1.5 sizes (meta device): the diffusers script's 128 UNet layers, kohya's 192 modules,
+    the 72 CLIP Linears."""
+    from backbones.sd.sd15 import KOHYA_UNET_TARGETS, TEXT_TARGETS, UNET_TARGETS
+    from lora_core.inject import inject_lora
+    metas = SD15Spec().component_specs("sd15")
+    assert len(inject_lora(metas["unet"], list(UNET_TARGETS), 4, 4.0)) == 128
+    metas = SD15Spec().component_specs("sd15")
+    assert len(inject_lora(metas["unet"], list(KOHYA_UNET_TARGETS), 4, 4.0)) == 192
+    assert len(inject_lora(metas["text_encoder"], list(TEXT_TARGETS), 4, 4.0)) == 72
