@@ -273,9 +273,18 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
             wrapped[name] = parallel.parallelize(models[name], spec.units(name, models[name]), info,
                                                  mode=cfg.parallel.mode,
                                                  gradient_checkpointing=bool(cfg.train.gradient_checkpointing))
-    if cfg.lora.init_from:
-        with parallel.full_lora(models[names[0]], writeback=True):
-            load_lora(models[names[0]], cfg.lora.init_from)
+    lora_parts = [n for n in names if plans[n].mode == "lora"]
+    if cfg.lora.init_from and lora_parts:  # start from an existing LoRA file (every LoRA component it holds)
+        declared = spec.components(preset)
+        with contextlib.ExitStack() as stack:
+            for n in lora_parts:
+                stack.enter_context(parallel.full_lora(models[n], writeback=True))
+            if len(lora_parts) == 1:
+                load_lora(models[lora_parts[0]], cfg.lora.init_from, naming=declared[lora_parts[0]].naming,
+                          backbone=spec.name)
+            else:
+                load_lora({n: models[n] for n in lora_parts}, cfg.lora.init_from,
+                          naming={n: declared[n].naming for n in lora_parts}, backbone=spec.name)
     for name, m in models.items():
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         p = plans[name]

@@ -317,3 +317,15 @@ def test_toy_family_full_fine_tuning_by_pattern(images, tmp_path):
     assert any(not torch.equal(trained[k], base[k]) for k in trained)
     ck = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))
     assert sorted(k.split("/", 1)[1] for k in ck) == sorted(trained)
+
+
+def test_toy_family_starts_from_an_existing_lora(images, tmp_path):
+    first = tmp_path / "first"
+    assert run(images, first, "--max-steps", "3") == 0
+    second = tmp_path / "second"
+    assert run(images, second, "--max-steps", "1", f"lora.init_from={first / 'lora.safetensors'}",
+               "optim.lr=0") == 0
+    a, b = read_lora(first / "lora.safetensors"), read_lora(second / "lora.safetensors")
+    for key, m in a.modules.items():
+        torch.testing.assert_close(b.modules[key]["B"].float(), m["B"].float(), rtol=0, atol=1e-2)
+    assert any(m["B"].abs().max() > 0 for m in a.modules.values())
