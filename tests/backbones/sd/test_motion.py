@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+
+from tests.oracle import randomize_
 import torch.nn.functional as F
 
 from backbones.sd.motion import (MOTION_ADAPTER_PRESETS, AnimateDiffTransformer3D, MotionAdapter,
@@ -40,17 +42,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def randomize_(model: nn.Module, seed: int) -> None:
-    """Random values for every parameter: norm affines, biases and the (zero-init) proj_out included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def key_rows(name: str) -> list[tuple[str, tuple[int, ...]]]:

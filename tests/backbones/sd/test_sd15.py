@@ -13,7 +13,6 @@ preset; the UNet parity inputs are [2, 4, 16, 16] with text [2, 7, 32].
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+from tests.oracle import randomize_
 
 import infer
 import train
@@ -60,18 +61,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Random values for every parameter (norm affines and biases too), so a swapped key cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

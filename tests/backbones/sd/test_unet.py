@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.oracle import randomize_
+
 import backbones.attention as attention_mod
 from backbones.sd.unet import UNET_PRESETS, UNet2DConditionModel, UNetConfig
 from backbones.sd.unet_blocks import Attention, ResnetBlock2D, Transformer2DModel
@@ -49,17 +51,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def randomize_(model: nn.Module, seed: int) -> None:
-    """Random values for every parameter, norm weights and biases included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def inputs(cfg: UNetConfig, seed: int, b: int = 2, hw: tuple[int, int] = (16, 16),
