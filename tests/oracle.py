@@ -3,9 +3,12 @@ or mis-shaped key cannot hide behind zero- or one-initialised weights, and one e
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
+
+from backbones.attention import attention
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,3 +30,66 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
     return model
+
+
+class ThreadSP:
+    """`size` sequence-parallel ranks simulated by threads of one process, through the model's seams (its `sp`
+    attribute and every module's `attn_op`, the modules `apply_sequence_parallel` wraps). gather is an
+    all-gather; `attn_op` stands in for Ulysses by all-gathering q/k/v, so every rank attends over the full
+    sequence and keeps its own rows: a wrong slice on any rank changes that rank's tokens."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._local = threading.local()
+        self._barrier = threading.Barrier(size)
+        self._slots: list[torch.Tensor | None] = [None] * size
+
+    @property
+    def rank(self) -> int:
+        return self._local.rank
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self._slots[self.rank] = x
+        self._barrier.wait()
+        out = torch.cat(self._slots, dim=dim)  # type: ignore[arg-type]
+        self._barrier.wait()  # nobody overwrites a slot before all have read it
+        return out
+
+    def attn_op(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                k_lens: torch.Tensor | None = None) -> torch.Tensor:
+        ll = q.shape[1]
+        out = attention(self.gather(q, 1), self.gather(k, 1), self.gather(v, 1), k_lens=k_lens)
+        return out[:, self.rank * ll:(self.rank + 1) * ll]
+
+    def run(self, model: nn.Module, *args: object, **kwargs: object) -> list[torch.Tensor]:
+        """Each rank's output of model(*args, **kwargs) (no grad)."""
+        results: list[torch.Tensor | None] = [None] * self.size
+        errors: list[BaseException] = []
+
+        def work(rank: int) -> None:
+            self._local.rank = rank
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    results[rank] = model(*args, **kwargs)
+            except BaseException as exc:  # surface in the main thread; free the other ranks
+                errors.append(exc)
+                self._barrier.abort()
+
+        seams = [m for m in model.modules() if "attn_op" in vars(m)]
+        saved = [m.attn_op for m in seams]
+        model.sp = self
+        for m in seams:
+            m.attn_op = self.attn_op
+        try:
+            threads = [threading.Thread(target=work, args=(r,)) for r in range(self.size)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(timeout=60)
+        finally:
+            model.sp = None
+            for m, op in zip(seams, saved):
+                m.attn_op = op
+        if errors:
+            raise errors[0]
+        return results  # type: ignore[return-value]

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from backbones.attention import attention
 from backbones.cogvideox.transformer import (TRANSFORMER_PRESETS, CogVideoXConfig, CogVideoXTransformer3DModel,
                                              rotary_pos_embed_3d)
+from tests.oracle import ThreadSP
+from tests.oracle import randomize_ as _randomize_params
 
 REFERENCE = Path(__file__).parent  # copies of ../shared/reference key lists
 TINY = TRANSFORMER_PRESETS["tiny"]
@@ -34,19 +33,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def randomize_(model: nn.Module, seed: int) -> None:
-    """Random values for every parameter and the learned table (norms near 1, so they stay norms)."""
-    g = torch.Generator().manual_seed(seed)
+    """Every parameter (tests.oracle) and the learned table; the 2B's computed table (not stored) stays."""
+    _randomize_params(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
         stored = model.state_dict()
         for name, buf in model.named_buffers():
-            if name in stored:  # the I2V's learned table; the 2B's computed one (not stored) stays
+            if name in stored:
                 buf.copy_(0.5 * torch.randn(buf.shape, generator=g))
 
 
@@ -239,64 +232,6 @@ def test_bad_inputs_raise() -> None:
 
 
 # -- sequence-parallel seam ------------------------------------------------------------------------
-
-class ThreadSP:
-    """`size` ranks simulated by threads of one process. gather is an all-gather; `attn_op` stands in for
-    Ulysses by all-gathering q/k/v so every rank attends over the full (permuted) sequence and keeps its rows."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._local = threading.local()
-        self._barrier = threading.Barrier(size)
-        self._slots: list[torch.Tensor | None] = [None] * size
-
-    @property
-    def rank(self) -> int:
-        return self._local.rank
-
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        self._slots[self.rank] = x
-        self._barrier.wait()
-        out = torch.cat(self._slots, dim=dim)  # type: ignore[arg-type]
-        self._barrier.wait()  # nobody overwrites a slot before all have read it
-        return out
-
-    def attn_op(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                k_lens: torch.Tensor | None = None) -> torch.Tensor:
-        ll = q.shape[1]
-        out = attention(self.gather(q, 1), self.gather(k, 1), self.gather(v, 1), k_lens=k_lens)
-        return out[:, self.rank * ll:(self.rank + 1) * ll]
-
-    def run(self, model: CogVideoXTransformer3DModel, *args: torch.Tensor) -> list[torch.Tensor]:
-        results: list[torch.Tensor | None] = [None] * self.size
-        errors: list[BaseException] = []
-
-        def work(rank: int) -> None:
-            self._local.rank = rank
-            try:
-                with torch.no_grad():  # grad mode is per thread
-                    results[rank] = model(*args)
-            except BaseException as exc:  # surface in the main thread; free the other ranks
-                errors.append(exc)
-                self._barrier.abort()
-
-        model.sp = self
-        for block in model.blocks:
-            block.attn1.attn_op = self.attn_op
-        try:
-            threads = [threading.Thread(target=work, args=(r,)) for r in range(self.size)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=60)
-        finally:
-            model.sp = None
-            for block in model.blocks:
-                block.attn1.attn_op = attention
-        if errors:
-            raise errors[0]
-        return results  # type: ignore[return-value]
-
 
 @pytest.fixture(scope="module")
 def rope_model() -> CogVideoXTransformer3DModel:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import math
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from backbones.attention import attention
 from backbones.wan.dit import DIT_PRESETS, WanDiT, WanDiTConfig
 from backbones.wan.keymap import convert_state_dict, dit_from_diffusers, dit_to_diffusers
+from tests.oracle import ThreadSP
 
 KEYS_FILE = Path(__file__).with_name("wan_dit_keys.txt")
 TINY = DIT_PRESETS["tiny"]
@@ -283,65 +283,6 @@ class IdentitySP:
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x
-
-
-class ThreadSP:
-    """`size` ranks simulated by threads of one process. gather is an all-gather; `attn_op` stands in for
-    Ulysses by all-gathering q/k/v so every rank attends over the full sequence and keeps its own rows.
-    A wrong RoPE/modulation slice on any rank changes that rank's tokens and fails the comparison."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._local = threading.local()
-        self._barrier = threading.Barrier(size)
-        self._slots: list[torch.Tensor | None] = [None] * size
-
-    @property
-    def rank(self) -> int:
-        return self._local.rank
-
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        self._slots[self.rank] = x
-        self._barrier.wait()
-        out = torch.cat(self._slots, dim=dim)  # type: ignore[arg-type]
-        self._barrier.wait()  # nobody overwrites a slot before all have read it
-        return out
-
-    def attn_op(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                k_lens: torch.Tensor | None = None) -> torch.Tensor:
-        ll = q.shape[1]
-        out = attention(self.gather(q, 1), self.gather(k, 1), self.gather(v, 1), k_lens=k_lens)
-        return out[:, self.rank * ll:(self.rank + 1) * ll]
-
-    def run(self, model: WanDiT, *args: object, **kwargs: object) -> list[torch.Tensor]:
-        results: list[torch.Tensor | None] = [None] * self.size
-        errors: list[BaseException] = []
-
-        def work(rank: int) -> None:
-            self._local.rank = rank
-            try:
-                with torch.no_grad():  # grad mode is per thread
-                    results[rank] = model(*args, **kwargs)
-            except BaseException as exc:  # surface in the main thread; free the other ranks
-                errors.append(exc)
-                self._barrier.abort()
-
-        model.sp = self
-        for block in model.blocks:
-            block.self_attn.attn_op = self.attn_op
-        try:
-            threads = [threading.Thread(target=work, args=(r,)) for r in range(self.size)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=60)
-        finally:
-            model.sp = None
-            for block in model.blocks:
-                block.self_attn.attn_op = attention
-        if errors:
-            raise errors[0]
-        return results  # type: ignore[return-value]
 
 
 def test_sp_size_one_equals_plain(tiny_model: WanDiT) -> None:
