@@ -185,7 +185,7 @@ def resolve(args: argparse.Namespace) -> Request:
             raise ValueError(f"--save-merged {save_merged} is the --ckpt-dir it loads from; pick another folder")
     output = None
     if wants_sample:
-        output = args.output or ("out.png" if rules.kind == "image" else "out.mp4")
+        output = args.output or ("out.png" if rules.kind == "image" else "out" + spec.video_suffix)
         _check_output(output, rules.kind)
     images = {name: load_image(path, height, width) for name, path in images_given.items()}
     if args.num_images < 1:
@@ -270,7 +270,7 @@ def check_loras(spec: BackboneSpec, preset: str, loras: list[tuple[Path, float]]
         return
     for path, _ in loras:
         made_for = read_lora(path).metadata.get("backbone")  # FileNotFoundError / ValueError name the file
-        if made_for and made_for != spec.name:
+        if made_for and made_for not in spec.accepted_lora_backbones:
             raise ValueError(f"LoRA file {path} was made for backbone {made_for!r}, not {spec.name!r}; use "
                              f"--backbone {made_for} or a LoRA trained for {spec.name}")
     metas = spec.component_specs(preset)
@@ -283,8 +283,9 @@ def _apply_loras(spec: BackboneSpec, preset: str, modules: dict[str, nn.Module],
     paths, strengths = [p for p, _ in loras], [s for _, s in loras]
     if len(modules) == 1:
         (name, module), = modules.items()
-        return load_lora(module, paths, strengths, naming=comps[name].naming, backbone=spec.name)
-    return load_lora(modules, paths, strengths, naming={n: comps[n].naming for n in modules}, backbone=spec.name)
+        return load_lora(module, paths, strengths, naming=comps[name].naming, backbone=spec.accepted_lora_backbones)
+    return load_lora(modules, paths, strengths, naming={n: comps[n].naming for n in modules},
+                     backbone=spec.accepted_lora_backbones)
 
 
 # ------------------------------------------------------------------------------------------- run

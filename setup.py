@@ -28,6 +28,8 @@ setup(
             "diffusers>=0.35",
             "transformers>=4.50",
             "accelerate",
+            "sentencepiece",      # transformers' T5Tokenizer reads spiece.model through it (the T5 v1.1 oracle)
+            "protobuf",
         ],
     },
 )

@@ -281,10 +281,10 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
                 stack.enter_context(parallel.full_lora(models[n], writeback=True))
             if len(lora_parts) == 1:
                 load_lora(models[lora_parts[0]], cfg.lora.init_from, naming=declared[lora_parts[0]].naming,
-                          backbone=spec.name)
+                          backbone=spec.accepted_lora_backbones)
             else:
                 load_lora({n: models[n] for n in lora_parts}, cfg.lora.init_from,
-                          naming={n: declared[n].naming for n in lora_parts}, backbone=spec.name)
+                          naming={n: declared[n].naming for n in lora_parts}, backbone=spec.accepted_lora_backbones)
     for name, m in models.items():
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         p = plans[name]
@@ -323,6 +323,7 @@ def save_artifacts(cfg: Config, spec: BackboneSpec, trainer: Trainer, out: Path)
         else:
             written.append(save_lora(lora, out / "lora.safetensors", format=cfg.lora.save_format,
                                      backbone=spec.name, naming=naming, metadata=meta, dtype=dtype))
+        written += spec.export_lora(lora, out, written[-1], meta, dtype)
     for name, m in trainer.models.items():
         if trainer.plans[name].mode == "full":
             trained = [k.split("/", 1)[1] for k in trainer.names if k.startswith(f"{name}/")]
@@ -435,7 +436,7 @@ class Validator:
                                     frames=v.frames, height=v.height, width=v.width, steps=v.steps,
                                     guidance=v.guidance, seed=v.seed, extras=dict(v.extras))
                 video = spec.sample(comps, req, device=self.device, autocast_dtype=autocast_dtype(cfg, self.device))
-                suffix = ".png" if rules.kind == "image" else ".mp4"
+                suffix = ".png" if rules.kind == "image" else spec.video_suffix
                 path = write_video(video[0], out / "samples" / f"step{step:06d}_{i}{suffix}", fps=rules.fps)
                 log.info("validation sample: %s", path)
         finally:

@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-from lora_core.inject import lora_targetable
+import torch.nn as nn
+
+from lora_core.inject import _matches, lora_targetable
 
 from .loading import count_params
 from .registry import backbone_names, get_backbone
@@ -27,8 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     comps = spec.component_specs(preset)
     declared = spec.components(preset)
     lora_parts = [n for n, c in declared.items() if "lora" in c.modes]
+    targets = declared[lora_parts[0]].lora_targets if lora_parts else ()
     report: dict = {"backbone": spec.name, "preset": preset, "components": {},
-                    "default_targets": list(declared[lora_parts[0]].lora_targets) if lora_parts else []}
+                    "default_targets": [targets] if isinstance(targets, str) else list(targets)}
+    if lora_parts:  # what the default targets adapt on the primary component, at the backbone's default rank
+        module = comps[lora_parts[0]]
+        hit = [m for n, m in module.named_modules() if n in set(lora_targetable(module)) and _matches(n, targets)]
+        rank = spec.default_rank
+        per_rank = sum((m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()) + m.weight.shape[0]
+                       for m in hit)
+        report["default_lora"] = {"component": lora_parts[0], "layers": len(hit), "rank": rank,
+                                  "params": per_rank * rank, "params_per_rank": per_rank}
     for name, module in comps.items():
         entry = {"num_params": count_params(module),
                  "keys": {k: list(v.shape) for k, v in module.state_dict().items()}}
@@ -45,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in report["components"].items():
         print(f"  {name:13s} {entry['num_params']:>15,d} parameters, {len(entry['keys'])} tensors")
     print(f"  default LoRA targets: {', '.join(report['default_targets'])}")
+    if "default_lora" in report:
+        d = report["default_lora"]
+        print(f"  default LoRA: {d['layers']} layers of the {d['component']}, {d['params']:,} parameters at rank "
+              f"{d['rank']}")
     if args.targets:
         print("  targetable modules:")
         for t in report["targets"]:

@@ -18,7 +18,12 @@ def _sd15() -> BackboneSpec:
     return SD15Spec()
 
 
-_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan, "sd15": _sd15}
+def _animatediff() -> BackboneSpec:
+    from .sd.animatediff import AnimateDiffSpec
+    return AnimateDiffSpec()
+
+
+_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan, "sd15": _sd15, "animatediff": _animatediff}
 _CACHE: dict[str, BackboneSpec] = {}
 
 

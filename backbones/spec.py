@@ -54,7 +54,7 @@ class Component:
     name: str
     modes: tuple[TrainMode, ...] = ("frozen",)
     in_training: bool = False
-    lora_targets: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] | str = ()   # names (suffix match) or one regex (full match), as lora.targets
     full_patterns: tuple[str, ...] = ()
     naming: LoRANaming | None = None
     description: str = ""
@@ -150,6 +150,12 @@ class BackboneSpec:
     default_alpha: float = 32.0
     uses_text: bool = True                        # prompts are an input (infer.py --prompt, validation prompts)
     lora_file_metadata: dict[str, str] = {}       # extra metadata in every LoRA file (e.g. kohya network module)
+    lora_backbones: tuple[str, ...] = ()          # other backbones whose LoRA files apply (AnimateDiff: sd15)
+    video_suffix: str = ".mp4"                    # validation samples and infer.py's default output of videos
+
+    @property
+    def accepted_lora_backbones(self) -> tuple[str, ...]:
+        return (self.name, *self.lora_backbones)
 
     # ---- declarations
     def components(self, preset: str) -> dict[str, Component]:
@@ -245,6 +251,12 @@ class BackboneSpec:
         params = dict(module.named_parameters())
         sd = {k: params[k].detach().cpu() for k in trained}
         return [save_tensors(sd, out_dir / f"{name}.safetensors", metadata={"backbone": self.name})]
+
+    def export_lora(self, models: dict[str, nn.Module], out_dir: Path, written: Path, metadata: dict[str, str],
+                    dtype: torch.dtype) -> list[Path]:
+        """Further LoRA files beside the one `lora.save_format` wrote (`written`), in the family's other layouts
+        (AnimateDiff: diffusers and the original MotionLoRA layout); `models`: the LoRA-trained components."""
+        return []
 
     # ---- data
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Saving and loading LoRA files (safetensors only, never pickle) in the formats the ecosystem reads.
+"""Saving and loading LoRA files in the formats the ecosystem reads (written as safetensors; pickles such as
+MotionLoRA `.ckpt` or SWIFT's `adapter_model.bin` are read with `torch.load(weights_only=True)`, never code).
 
 | format    | keys (P = the component's prefix in that format; a lone model's default P)       | scale        |
 |-----------|-----------------------------------------------------------------------------------|--------------|
@@ -132,6 +133,9 @@ class LoRANaming:
     # reading only: own module name -> another name files use for it (e.g. SD's LDM names, which kohya files of
     # the A1111 era carry as `lora_unet_input_blocks_1_1_...`); None where a module has no other name
     alias: Callable[[str], str | None] | None = None
+    # reading only: a whole file's tensors in a family's own layout (e.g. AnimateDiff's original MotionLoRA keys)
+    # -> the same LoRA as native keys of this component; None when the file is not in that layout
+    convert: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.prefixes) - set(_READ_FORMATS))
@@ -139,7 +143,7 @@ class LoRANaming:
             raise ValueError(f"LoRANaming prefixes name unknown formats {unknown}; use {', '.join(_READ_FORMATS)}")
 
     def __hash__(self) -> int:  # a dict field is unhashable; frozen specs holding a naming should stay hashable
-        return hash((tuple(sorted(self.prefixes.items())), self.key_map, self.alias))
+        return hash((tuple(sorted(self.prefixes.items())), self.key_map, self.alias, self.convert))
 
     @classmethod
     def default(cls, key_map: KeyMap | None = None, *, native: str | None = "",
@@ -391,20 +395,47 @@ _ROLES = [  # (regex on the key's tail, role, formats that write this tail)
 ]
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
 def _resolve_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     p = Path(path)
-    if p.is_dir():  # a PEFT save_pretrained folder
+    if p.is_dir():  # a PEFT save_pretrained folder, or SWIFT's checkpoint folder holding one as default/
+        if not (p / "adapter_config.json").is_file() and (p / "default" / "adapter_config.json").is_file():
+            p = p / "default"
         cfg = p / "adapter_config.json"
-        p = p / "adapter_model.safetensors"
-        if not p.is_file():
-            raise FileNotFoundError(f"LoRA folder {path} has no adapter_model.safetensors")
-        return p, (json.loads(cfg.read_text()) if cfg.is_file() else None)
+        found = [p / f"adapter_model{s}" for s in (".safetensors", ".bin") if (p / f"adapter_model{s}").is_file()]
+        if not found:
+            raise FileNotFoundError(f"LoRA folder {path} has no adapter_model.safetensors (nor adapter_model.bin)")
+        return found[0], (json.loads(cfg.read_text()) if cfg.is_file() else None)
     if not p.is_file():
         raise FileNotFoundError(f"LoRA file {p} does not exist")
-    if p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        raise ValueError(f"LoRA file {p} is a pickle ({p.suffix}); only .safetensors files are loaded")
     cfg = p.with_name("adapter_config.json")
     return p, (json.loads(cfg.read_text()) if cfg.is_file() else None)
+
+
+def _load_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, or of a pickle read with `torch.load(weights_only=True)`
+    (MotionLoRA .ckpt, SWIFT adapter_model.bin): tensors and plain containers only, never code."""
+    if p.suffix in _PICKLE_SUFFIXES:
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (an UnpicklingError means the file needs code: refused)
+            raise ValueError(f"LoRA file {p} is a pickle ({p.suffix}) that cannot be read without unpickling code "
+                             f"({type(e).__name__}); only tensors are loaded from pickles, convert it to "
+                             ".safetensors") from e
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise ValueError(f"LoRA file {p} (a pickle) holds a {type(sd).__name__}, expected a dict of tensors")
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+    try:
+        tensors = load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"LoRA file {p} is not a readable safetensors file: {e}") from e
+    return tensors, metadata
 
 
 _LEGACY_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
@@ -470,12 +501,7 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
     `naming` (one LoRANaming, or one per component) adds its prefixes to the generic ones, records which
     component reads which prefix, and sets aside (`skipped`) the keys under prefixes none of them claims."""
     p, peft_cfg = _resolve_path(path)
-    try:
-        tensors = load_file(str(p))
-        with safe_open(str(p), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"LoRA file {p} is not a readable safetensors file: {e}") from e
+    tensors, metadata = _load_tensors(p)
     if not tensors:
         raise ValueError(f"LoRA file {p} holds no tensors")
     bad = _non_finite(tensors)
@@ -495,6 +521,11 @@ def read_lora(path: str | os.PathLike, naming: Namings | None = None) -> LoRAFil
             raise ValueError(f"LoRA file {p} has lora_adapter_metadata that is no JSON object ({adapter_meta}); "
                              "re-save it or strip that metadata entry")
     namings = _as_namings(naming)
+    for n in namings.values():
+        converted = n.convert(tensors) if n.convert is not None else None
+        if converted is not None:
+            tensors = converted
+            break
     candidates = [(fmt, prefix, True) for n in namings.values() for fmt, prefix in n.prefixes.items()]
     candidates += [(fmt, prefix, False) for fmt, prefix in _GENERIC_PREFIXES]
     split = {k: sp for k in tensors if (sp := _split(k)) is not None}
@@ -665,7 +696,7 @@ def _plan(components: dict[str, nn.Module], namings: dict[str, LoRANaming],
 def load_lora(model_or_components: nn.Module | Mapping[str, nn.Module],
               paths: str | os.PathLike | Sequence[str | os.PathLike], strength: float | Sequence[float] = 1.0, *,
               naming: Namings | None = None, key_map: KeyMap | None = None,
-              backbone: str | None = None) -> list[str]:
+              backbone: str | Sequence[str] | None = None) -> list[str]:
     """Apply one or more LoRA files to a model, or to several components ({name: module} with
     naming={name: LoRANaming}), each file with its own strength.
 
@@ -685,6 +716,7 @@ def load_lora(model_or_components: nn.Module | Mapping[str, nn.Module],
     components, namings, single = _resolve(model_or_components, naming, key_map)
     what = type(components[_SINGLE]).__name__ if single else f"components {sorted(components)}"
     backbone = backbone or _backbone_of(components) or None
+    accepted = (backbone,) if isinstance(backbone, str) else tuple(backbone or ())
     existing = {(c, n) for c, comp in components.items() for n in lora_layers(comp)}
     if any(m.lora_merged for comp in components.values() for m in lora_layers(comp).values()):
         raise ValueError("the model has merged LoRA layers; unmerge_lora(model) before loading another LoRA")
@@ -692,8 +724,9 @@ def load_lora(model_or_components: nn.Module | Mapping[str, nn.Module],
     for p, s in zip(path_list, strengths):
         lf = read_lora(p, namings)
         made_for = lf.metadata.get("backbone")
-        if made_for and backbone and made_for != backbone:
-            raise ValueError(f"LoRA file {lf.path} was made for backbone {made_for!r}, not {backbone!r}")
+        if made_for and accepted and made_for not in accepted:
+            raise ValueError(f"LoRA file {lf.path} was made for backbone {made_for!r}, not "
+                             f"{' or '.join(map(repr, accepted))}")
         plan, problems = _plan(components, namings, lf)
         missing = sorted(existing - set(plan))
         problems += [f"missing module {_shown(c, n)!r} (the model has LoRA there, the file does not)"

@@ -1,33 +1,48 @@
-"""umT5-XXL text encoder of Wan2.2 (upstream `wan/modules/t5.py :: T5Encoder`), encoder only.
+"""T5-family text encoders, encoder only: umT5-XXL (Wan2.2) and T5 v1.1 XXL (CogVideoX).
 
-Shapes: B prompts, L token slots (512 upstream), D model dim, N heads, C head dim (D_attn / N),
-V vocab, K relative-position buckets.
+Shapes: B prompts, L token slots (512 Wan, 226 CogVideoX), D model dim, N heads, C head dim
+(D_attn / N), V vocab, K relative-position buckets.
 
-Parameter names equal the official `models_t5_umt5-xxl-enc-bf16.pth` (flat state dict), so it
-loads with `strict=True`; HF `UMT5EncoderModel` names go through `t5_to_hf` / `t5_from_hf`, and a
-load-state-dict pre-hook converts an HF-format state dict on the fly.
+Both share the math (RMS norm, unscaled attention with an additive bucketed position bias,
+gated tanh-GELU FFN, pre-norm residual blocks with the fp16 clamp); they differ in where the
+position bias lives and in parameter names:
 
-The encoder is frozen in every Wan recipe, so the upstream dropout (0.1, a no-op in eval) is left
-out. Attention does not use the shared seam (`backbones.attention`): T5 needs an additive
-per-head position bias, which the seam does not take, and the text encoder is never sharded.
+* `UMT5Encoder` (upstream `wan/modules/t5.py :: T5Encoder`): a bias table in every block; names
+  equal the official `models_t5_umt5-xxl-enc-bf16.pth`, HF `UMT5EncoderModel` names go through
+  `t5_to_hf` / `t5_from_hf`, and a load-state-dict pre-hook converts an HF state dict on the fly.
+* `T5V11Encoder` (transformers `T5EncoderModel`, google/t5-v1_1-xxl): one bias table in block 0,
+  shared by all blocks; names are the transformers names verbatim, so the CogVideoX
+  `text_encoder/` shards load strict (`load_t5_v11`).
+
+Both encoders are frozen in every recipe, so dropout (a no-op in eval) is left out. Attention does
+not use the shared seam (`backbones.attention`): T5 needs an additive per-head position bias,
+which the seam does not take, and the text encoder is never sharded.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+
+from ..loading import expected_shapes, safetensors_shapes, sharded_safetensors, validate
 
 if TYPE_CHECKING:
+    from backbones.encoders.spm_tokenizer import T5SpmTokenizer
     from backbones.encoders.t5_tokenizer import WanTokenizer
 
 
 @dataclass(frozen=True)
-class UMT5Config:
+class T5EncoderConfig:
+    """Sizes shared by both encoders (the defaults are umT5-XXL's)."""
+
     vocab: int = 256384
     dim: int = 4096
     dim_attn: int = 4096
@@ -40,18 +55,34 @@ class UMT5Config:
 
     def __post_init__(self) -> None:
         if self.dim_attn % self.num_heads != 0:
-            raise ValueError(f"UMT5Config: dim_attn ({self.dim_attn}) is not divisible by num_heads "
+            raise ValueError(f"{type(self).__name__}: dim_attn ({self.dim_attn}) is not divisible by num_heads "
                              f"({self.num_heads}); pick dim_attn = num_heads * head_dim")
         if self.num_buckets % 2 != 0 or self.num_buckets < 4:
-            raise ValueError(f"UMT5Config: num_buckets ({self.num_buckets}) must be even and >= 4 "
+            raise ValueError(f"{type(self).__name__}: num_buckets ({self.num_buckets}) must be even and >= 4 "
                              "(bidirectional buckets split in halves, then exact/log halves)")
         if self.max_dist <= self.num_buckets // 4:
-            raise ValueError(f"UMT5Config: max_dist ({self.max_dist}) must exceed num_buckets // 4 "
+            raise ValueError(f"{type(self).__name__}: max_dist ({self.max_dist}) must exceed num_buckets // 4 "
                              f"({self.num_buckets // 4}), the last exactly-bucketed distance")
 
     @property
     def head_dim(self) -> int:
         return self.dim_attn // self.num_heads
+
+
+@dataclass(frozen=True)
+class UMT5Config(T5EncoderConfig):
+    """umT5-XXL (Wan2.2's `umt5_xxl`, encoder only)."""
+
+
+@dataclass(frozen=True)
+class T5V11Config(T5EncoderConfig):
+    """T5 v1.1 (google/t5-v1_1-xxl config.json: d_model 4096, d_kv 64, d_ff 10240, 64 heads, 24 layers).
+
+    dim = d_model, dim_attn = num_heads * d_kv, dim_ffn = d_ff, num_buckets / max_dist =
+    relative_attention_num_buckets / relative_attention_max_distance, eps = layer_norm_epsilon.
+    """
+
+    vocab: int = 32128  # 32000 SentencePiece pieces + 100 extra ids, padded to a multiple of 128
 
 
 T5_PRESETS: dict[str, UMT5Config] = {
@@ -61,6 +92,19 @@ T5_PRESETS: dict[str, UMT5Config] = {
     "tiny": UMT5Config(vocab=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2),
 }
 
+
+T5_V11_PRESETS: dict[str, T5V11Config] = {
+    # google/t5-v1_1-xxl encoder = CogVideoX text_encoder/config.json; 4,762,310,656 parameters.
+    "xxl": T5V11Config(),
+    # Toy size; dim 32 is a fixed contract with the tiny CogVideoX transformer's text_embed_dim,
+    # vocab 256 holds the tiny tokenizer's 134 pieces + 100 extra ids (`save_tiny_t5_tokenizer`).
+    "tiny": T5V11Config(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Shared math
+# ------------------------------------------------------------------------------------------
 
 def _fp16_clamp(x: torch.Tensor) -> torch.Tensor:
     # Upstream guards fp16 overflow in the residual stream; bf16/fp32 never need it.
@@ -87,9 +131,13 @@ class T5LayerNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-    """Self-attention with additive bias and no 1/sqrt(C) scaling (T5 folds it into the init)."""
+    """Self-attention with additive bias and no 1/sqrt(C) scaling (T5 folds it into the init).
 
-    def __init__(self, dim: int, dim_attn: int, num_heads: int) -> None:
+    With `num_buckets` it also owns the position-bias table `relative_attention_bias` [K, N]
+    (T5 v1.1 block 0); the caller turns it into a bias with `position_bias`.
+    """
+
+    def __init__(self, dim: int, dim_attn: int, num_heads: int, num_buckets: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim_attn // num_heads
@@ -97,6 +145,8 @@ class T5Attention(nn.Module):
         self.k = nn.Linear(dim, dim_attn, bias=False)
         self.v = nn.Linear(dim, dim_attn, bias=False)
         self.o = nn.Linear(dim_attn, dim, bias=False)
+        if num_buckets is not None:
+            self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x [B, L, D], bias [B or 1, N, L, L] (position bias + key padding) -> [B, L, D]."""
@@ -112,18 +162,28 @@ class T5Attention(nn.Module):
         return self.o(x)
 
 
+def gated_gelu(x: torch.Tensor, gate: nn.Linear, linear: nn.Linear, out: nn.Linear) -> torch.Tensor:
+    """out(gelu_tanh(gate(x)) * linear(x)). x [B, L, D] -> [B, L, D] in out's dtype.
+
+    The product is cast to `out`'s weight dtype, so an fp32 `out` (kept so in fp16 models, as
+    transformers' `_keep_in_fp32_modules = ["wo"]`) sees fp32 input and returns fp32.
+    """
+    h = F.gelu(gate(x), approximate="tanh") * linear(x)  # [B, L, D_ffn]
+    return out(h.to(out.weight.dtype))
+
+
 class T5FeedForward(nn.Module):
-    """Gated GELU: fc2(fc1(x) * gelu_tanh(gate(x))). x [B, L, D] -> [B, L, D]."""
+    """umT5 names: fc2(fc1(x) * gelu_tanh(gate(x))). x [B, L, D] -> [B, L, D]."""
 
     def __init__(self, dim: int, dim_ffn: int) -> None:
         super().__init__()
-        # Sequential so the checkpoint name stays `gate.0.weight`.
+        # Sequential so the checkpoint name stays `gate.0.weight`; `gated_gelu` applies the GELU.
         self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
         self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x) * self.gate(x))
+        return gated_gelu(x, self.gate[0], self.fc1, self.fc2)
 
 
 def relative_position_bucket(lq: int, lk: int, num_buckets: int, max_dist: int,
@@ -144,6 +204,42 @@ def relative_position_bucket(lq: int, lk: int, num_buckets: int, max_dist: int,
     large = torch.clamp(large, max=half - 1)
     return buckets + torch.where(rel < max_exact, rel, large)
 
+
+def position_bias(table: nn.Embedding, buckets: torch.Tensor, keep: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Bias table [K, N], buckets [L, L], keep [B, L] bool or None -> bias [B or 1, N, L, L] in dtype.
+
+    Padded keys are replaced (not added to) with finfo.min as upstream umT5 does, so they get ~0
+    weight without overflowing to -inf in half precision.
+    """
+    bias = table(buckets).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, N, L, L]
+    if keep is not None:
+        bias = bias.expand(keep.size(0), -1, -1, -1).masked_fill(
+            ~keep[:, None, None, :], torch.finfo(dtype).min)
+    return bias
+
+
+def _residual_block(x: torch.Tensor, bias: torch.Tensor, norm1: T5LayerNorm, attn: T5Attention,
+                    norm2: T5LayerNorm, ffn: nn.Module) -> torch.Tensor:
+    """Pre-norm block: x + attn(norm1(x)); x + ffn(norm2(x)), each clamped in fp16. [B, L, D]."""
+    x = _fp16_clamp(x + attn(norm1(x), bias))
+    return _fp16_clamp(x + ffn(norm2(x)))
+
+
+def _check_inputs(owner: str, ids: torch.Tensor, mask: torch.Tensor | None, tokenizer: str) -> torch.Tensor | None:
+    """-> keep [B, L] bool (True = real token) or None."""
+    if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{owner}: ids must be an integer tensor [B, L], got {tuple(ids.shape)} "
+                         f"{ids.dtype}; tokenize with {tokenizer} first")
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(f"{owner}: mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}; "
+                         "pass the mask returned together with the ids")
+    return None if mask is None else mask.to(ids.device) != 0
+
+
+# ------------------------------------------------------------------------------------------
+# umT5 (Wan2.2): a bias table per block, upstream names
+# ------------------------------------------------------------------------------------------
 
 class T5RelativeEmbedding(nn.Module):
     """Per-layer learned bias per (bucket, head)."""
@@ -170,13 +266,8 @@ class T5Block(nn.Module):
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """x [B, L, D], buckets [L, L], keep [B, L] bool (True = real token) or None -> [B, L, D]."""
-        bias = self.pos_embedding(buckets).to(x.dtype)  # [1, N, L, L]
-        if keep is not None:
-            # Replace (not add) with finfo.min as upstream does, so padded keys get ~0 weight.
-            bias = bias.expand(x.size(0), -1, -1, -1).masked_fill(
-                ~keep[:, None, None, :], torch.finfo(bias.dtype).min)
-        x = _fp16_clamp(x + self.attn(self.norm1(x), bias))
-        return _fp16_clamp(x + self.ffn(self.norm2(x)))
+        bias = position_bias(self.pos_embedding.embedding, buckets, keep, x.dtype)
+        return _residual_block(x, bias, self.norm1, self.attn, self.norm2, self.ffn)
 
 
 class UMT5Encoder(nn.Module):
@@ -192,13 +283,7 @@ class UMT5Encoder(nn.Module):
         self.register_load_state_dict_pre_hook(_hf_state_dict_pre_hook)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"UMT5Encoder: ids must be an integer tensor [B, L], got {tuple(ids.shape)} "
-                             f"{ids.dtype}; tokenize with WanTokenizer first")
-        if mask is not None and mask.shape != ids.shape:
-            raise ValueError(f"UMT5Encoder: mask shape {tuple(mask.shape)} != ids shape {tuple(ids.shape)}; "
-                             "pass the mask returned together with the ids")
-        keep = None if mask is None else mask.to(ids.device) != 0
+        keep = _check_inputs("UMT5Encoder", ids, mask, "WanTokenizer")
         x = self.token_embedding(ids)  # [B, L, D]
         buckets = relative_position_bucket(ids.size(1), ids.size(1), self.cfg.num_buckets,
                                            self.cfg.max_dist, device=ids.device)
@@ -317,3 +402,205 @@ def _hf_state_dict_pre_hook(module: nn.Module, state_dict: dict[str, torch.Tenso
     hf = {k: state_dict.pop(full) for k, full in sub.items()}
     for k, v in convert_t5_state_dict(hf, to="upstream").items():
         state_dict[prefix + k] = v
+
+
+# ------------------------------------------------------------------------------------------
+# T5 v1.1 (CogVideoX): one bias table in block 0 shared by all blocks, transformers names
+# ------------------------------------------------------------------------------------------
+#
+# fp16: T5 v1.1 activations overflow fp16 in the FFN output. As transformers does
+# (`_keep_in_fp32_modules = ["wo"]`, applied only when loading in fp16), `load_t5_v11(...,
+# dtype=torch.float16)` keeps every `DenseReluDense.wo` in fp32 (`keep_wo_in_fp32` does it after a
+# plain `.half()`); `gated_gelu` then feeds `wo` fp32 input, the residual stream is promoted to fp32
+# from block 0 on, and only the norms' outputs (and so q/k/v and wi_*) run in fp16. bf16 and fp32
+# need none of this; CogVideoX recommends bf16 (5B) and SAT ran T5 in fp32.
+
+_V11_EMBED = ("shared.weight", "encoder.embed_tokens.weight")  # tied; the CogVideoX file stores only the first
+_V11_IGNORED_PREFIXES = ("decoder.", "lm_head.")  # parts of a full seq2seq T5 file the encoder does not use
+V11_FILE_STEM = "model"  # text_encoder/model.safetensors[.index.json] (transformers save_pretrained)
+
+
+class T5GatedGeluDense(nn.Module):
+    """transformers `T5DenseGatedActDense` names: wo(gelu_tanh(wi_0(x)) * wi_1(x)). [B, L, D] -> [B, L, D]."""
+
+    def __init__(self, dim: int, dim_ffn: int) -> None:
+        super().__init__()
+        self.wi_0 = nn.Linear(dim, dim_ffn, bias=False)  # GELU branch
+        self.wi_1 = nn.Linear(dim, dim_ffn, bias=False)  # linear branch
+        self.wo = nn.Linear(dim_ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_gelu(x, self.wi_0, self.wi_1, self.wo)
+
+
+class T5LayerSelfAttention(nn.Module):
+    """`block.{i}.layer.0`: `SelfAttention` (+ the bias table in block 0) and its pre-norm."""
+
+    def __init__(self, cfg: T5V11Config, has_relative_attention_bias: bool) -> None:
+        super().__init__()
+        self.SelfAttention = T5Attention(cfg.dim, cfg.dim_attn, cfg.num_heads,
+                                         cfg.num_buckets if has_relative_attention_bias else None)
+        self.layer_norm = T5LayerNorm(cfg.dim, cfg.eps)
+
+
+class T5LayerFF(nn.Module):
+    """`block.{i}.layer.1`: `DenseReluDense` and its pre-norm."""
+
+    def __init__(self, cfg: T5V11Config) -> None:
+        super().__init__()
+        self.DenseReluDense = T5GatedGeluDense(cfg.dim, cfg.dim_ffn)
+        self.layer_norm = T5LayerNorm(cfg.dim, cfg.eps)
+
+
+class T5V11Block(nn.Module):
+    """Pre-norm block, the same math as umT5's `T5Block`; the bias comes from block 0."""
+
+    def __init__(self, cfg: T5V11Config, has_relative_attention_bias: bool) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([T5LayerSelfAttention(cfg, has_relative_attention_bias), T5LayerFF(cfg)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D], bias [B or 1, N, L, L] -> [B, L, D]."""
+        attn, ff = self.layer
+        return _residual_block(x, bias, attn.layer_norm, attn.SelfAttention, ff.layer_norm, ff.DenseReluDense)
+
+
+class T5V11Stack(nn.Module):
+    """`encoder.*`: embed_tokens (the parent's `shared`, tied), block, final_layer_norm."""
+
+    def __init__(self, cfg: T5V11Config, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList([T5V11Block(cfg, i == 0) for i in range(cfg.num_layers)])
+        self.final_layer_norm = T5LayerNorm(cfg.dim, cfg.eps)
+
+
+class T5V11Encoder(nn.Module):
+    """T5 v1.1 encoder (transformers `T5EncoderModel`): ids [B, L], mask [B, L] or None -> [B, L, D].
+
+    `shared` and `encoder.embed_tokens` are one module, so the state dict holds both names (220
+    keys for xxl) and a file holding either one loads strict (a load pre-hook fills the alias).
+    CogVideoX calls it without a mask (`encode_prompts_t5`), so pad slots attend and are attended.
+    Run it in bf16 or fp32; in fp16 keep `wo` in fp32 (`keep_wo_in_fp32`, or `load_t5_v11(dtype=
+    torch.float16)`), else the FFN outputs overflow and the clamp destroys them (note above).
+    """
+
+    def __init__(self, cfg: T5V11Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab, cfg.dim)
+        self.encoder = T5V11Stack(cfg, self.shared)
+        self.register_load_state_dict_pre_hook(_v11_state_dict_pre_hook)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        keep = _check_inputs("T5V11Encoder", ids, mask, "T5SpmTokenizer")
+        x = self.shared(ids)  # [B, L, D]
+        buckets = relative_position_bucket(ids.size(1), ids.size(1), self.cfg.num_buckets,
+                                           self.cfg.max_dist, device=ids.device)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = position_bias(table, buckets, keep, x.dtype)  # computed once, shared by every block
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+
+def _v11_state_dict_pre_hook(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str,
+                             *args: object) -> None:
+    """Fill the missing tied embedding name and drop a full T5 file's decoder, in place."""
+    for k in [k for k in state_dict if k.startswith(tuple(prefix + p for p in _V11_IGNORED_PREFIXES))]:
+        del state_dict[k]
+    a, b = (prefix + k for k in _V11_EMBED)
+    if a in state_dict and b not in state_dict:
+        state_dict[b] = state_dict[a]
+    elif b in state_dict and a not in state_dict:
+        state_dict[a] = state_dict[b]
+
+
+def keep_wo_in_fp32(model: T5V11Encoder) -> T5V11Encoder:
+    """Cast every FFN output projection `wo` back to fp32 when the model is fp16 (see the note above)."""
+    for block in model.encoder.block:
+        wo = block.layer[1].DenseReluDense.wo
+        if wo.weight.dtype == torch.float16:
+            wo.float()
+    return model
+
+
+@torch.no_grad()
+def encode_prompts_t5(encoder: T5V11Encoder, tokenizer: T5SpmTokenizer, prompts: list[str],
+                      max_length: int = 226, device: torch.device | str | None = None) -> torch.Tensor:
+    """Encode as CogVideoX's `_get_t5_prompt_embeds`: pad/truncate to max_length, no mask -> [B, L, D].
+
+    All max_length rows (pad positions included) are returned; the transformer consumes them all.
+    """
+    if isinstance(prompts, str):
+        raise ValueError(f"encode_prompts_t5: prompts must be a list of strings, got the string {prompts!r}; "
+                         "wrap it as [prompt]")
+    device = encoder.shared.weight.device if device is None else torch.device(device)
+    ids, _ = tokenizer(prompts, max_length=max_length)
+    return encoder(ids.to(device))  # [B, L, D]
+
+
+# transformers config.json key -> how our config derives it
+_V11_CONFIG_KEYS = {
+    "vocab_size": lambda c: c.vocab, "d_model": lambda c: c.dim, "d_ff": lambda c: c.dim_ffn,
+    "d_kv": lambda c: c.head_dim, "num_heads": lambda c: c.num_heads, "num_layers": lambda c: c.num_layers,
+    "relative_attention_num_buckets": lambda c: c.num_buckets,
+    "relative_attention_max_distance": lambda c: c.max_dist, "feed_forward_proj": lambda c: "gated-gelu",
+}
+
+
+def _check_v11_config(file: Path, cfg: T5V11Config, preset: str) -> None:
+    try:
+        found = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); re-download text_encoder/") from e
+    for key, ours in _V11_CONFIG_KEYS.items():
+        if key in found and found[key] != ours(cfg):
+            raise ValueError(f"{file}: {key}={found[key]!r} but preset {preset!r} has {ours(cfg)!r}; "
+                             f"pick the preset that matches the checkpoint (presets: {sorted(T5_V11_PRESETS)})")
+
+
+def load_t5_v11(path: str | Path, preset: str = "xxl", *, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> T5V11Encoder:
+    """Build `T5V11Encoder` on meta and load a transformers `text_encoder/` folder into it, strict.
+
+    `path`: the text_encoder/ folder (model.safetensors, or model.safetensors.index.json + shards)
+    or the checkpoint root holding it. Shapes are checked from the headers before any tensor is
+    read; `config.json`, when present, must match the preset. `dtype` None keeps the file's
+    dtype; fp16 (asked for or stored) keeps `wo` in fp32.
+    """
+    if preset not in T5_V11_PRESETS:
+        raise ValueError(f"load_t5_v11: unknown preset {preset!r}; expected one of {sorted(T5_V11_PRESETS)}")
+    cfg = T5_V11_PRESETS[preset]
+    folder = Path(path)
+    if not any((folder / f"{V11_FILE_STEM}.safetensors{s}").is_file() for s in ("", ".index.json")) \
+            and (folder / "text_encoder").is_dir():
+        folder = folder / "text_encoder"
+    files = sharded_safetensors(folder, stem=V11_FILE_STEM)
+    if (folder / "config.json").is_file():
+        _check_v11_config(folder / "config.json", cfg, preset)
+    with torch.device("meta"):
+        model = T5V11Encoder(cfg)
+    headers = {k: v for k, v in safetensors_shapes(files).items() if not k.startswith(_V11_IGNORED_PREFIXES)}
+    found = {k: shape for k, (_, shape) in headers.items()}
+    for a, b in (_V11_EMBED, _V11_EMBED[::-1]):
+        if a in found and b not in found:
+            found[b] = found[a]
+    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    validate(expected_shapes(model), found, source)
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                if k in headers:
+                    t = h.get_tensor(k)
+                    if t.is_floating_point():
+                        target = t.dtype if dtype is None else dtype
+                        if target == torch.float16 and k.endswith("DenseReluDense.wo.weight"):
+                            target = torch.float32
+                        t = t.to(target)
+                    sd[k] = t.to(device)
+    model.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    assert not left, f"validated load left meta tensors: {left[:3]}"
+    return model.eval()

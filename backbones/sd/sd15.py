@@ -165,10 +165,10 @@ class SD15Spec(BackboneSpec):
         super().check_sources(preset, sources, parts)
         unknown = set(parts) - {"unet", "vae", "text_encoder", "tokenizer"}
         if unknown:
-            raise ValueError(f"unknown component(s) {sorted(unknown)} of backbone 'sd15'")
+            raise ValueError(f"unknown component(s) {sorted(unknown)} of backbone {self.name!r}")
         if sources.empty:
             return
-        metas = self.component_specs(preset)
+        metas = SD15Spec.component_specs(self, preset)  # the SD1.5 parts (AnimateDiff's UNet adds motion modules)
         for part in sorted(set(parts) - {"tokenizer"}):
             if part == "vae" or sources.ckpt_dir is not None:
                 ck.check(part, self._sources(sources, part), metas[part])

@@ -177,9 +177,6 @@ class UNetMotionModel(UNet2DConditionModel):
             raise ValueError(f"motion_norm_num_groups={motion_config.motion_norm_num_groups} != UNet "
                              f"norm_num_groups={unet_config.norm_num_groups}; diffusers would use the UNet's, "
                              f"set the adapter's to {unet_config.norm_num_groups}")
-        if not motion_config.use_motion_mid_block:
-            raise ValueError("motion adapters without a mid block (v1, v3) are not implemented yet; "
-                             "use a v2-style adapter (use_motion_mid_block=True)")
         super().__init__(unet_config)
         self.motion_config = motion_config
         down, mid, up = level_modules(motion_config)
@@ -187,18 +184,24 @@ class UNetMotionModel(UNet2DConditionModel):
             for i, motion in enumerate(motions):
                 old = blocks[i]
                 blocks[i] = _MOTION_BLOCK[type(old)](motion, **_block_kwargs(old))
-        self.mid_block = UNetMidBlockCrossAttnMotion(mid, **_block_kwargs(self.mid_block))
+        if mid is not None:
+            self.mid_block = UNetMidBlockCrossAttnMotion(mid, **_block_kwargs(self.mid_block))
+        # else (v1, v3 adapters): the 2D mid block stays, as diffusers builds it for use_motion_mid_block=False
         # re-registering mid_block keeps its slot (after up_blocks), so the key order stays diffusers'
 
     def units(self) -> list[nn.Module]:
-        """ResnetBlock2D, Transformer2DModel and motion modules in forward order (59 for SD1.5: 38 + 21)."""
+        """ResnetBlock2D, Transformer2DModel and motion modules in forward order (59 for SD1.5 + v2: 38 + 21;
+        58 without a motion mid block)."""
         out: list[nn.Module] = []
         for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            resnets, mms = list(block.resnets), list(block.motion_modules)
+            resnets, mms = list(block.resnets), list(getattr(block, "motion_modules", []))
             attentions = list(getattr(block, "attentions", []))
             if block is self.mid_block:
                 out.append(resnets.pop(0))
-                out += [m for trio in zip(attentions, mms, resnets) for m in trio]
+                if mms:
+                    out += [m for trio in zip(attentions, mms, resnets) for m in trio]
+                else:
+                    out += [m for pair in zip(attentions, resnets) for m in pair]
             else:
                 for j, resnet in enumerate(resnets):
                     out += [resnet, *attentions[j:j + 1], mms[j]]
@@ -264,7 +267,7 @@ class UNetMotionModel(UNet2DConditionModel):
                 raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
                                  f"tensors; this UNet has {len(skips)} skips (a ControlNet of another layout?)")
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
-        x = self.mid_block(x, emb, ctx, f)
+        x = self.mid_block(x, emb, ctx, f) if self.motion_config.use_motion_mid_block else self.mid_block(x, emb, ctx)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
         for block in self.up_blocks:

@@ -55,7 +55,8 @@ def plan_training(cfg: Any, components: Mapping[str, Any]) -> dict[str, TrainPla
         lora = cfg.lora
         targets = (over.targets if over is not None and over.targets else None)
         if targets is None:
-            targets = lora.targets if (name == primary and lora.targets) else list(comp.lora_targets)
+            targets = lora.targets if (name == primary and lora.targets) else (
+                comp.lora_targets if isinstance(comp.lora_targets, str) else list(comp.lora_targets))
         plans[name] = TrainPlan(
             name=name, mode=mode, targets=targets,
             exclude=(over.exclude if over is not None and over.exclude else None) or (

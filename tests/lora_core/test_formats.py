@@ -170,6 +170,10 @@ def test_mismatched_file_lists_problems_and_leaves_model_untouched(tmp_path):
     assert not lora_layers(fresh)  # nothing injected on failure
 
 
+class _Unpicklable:
+    pass
+
+
 def test_corrupt_missing_pickle_and_wrong_backbone(tmp_path):
     corrupt = tmp_path / "c.safetensors"
     corrupt.write_bytes(b"\x00garbage" * 10)
@@ -178,8 +182,11 @@ def test_corrupt_missing_pickle_and_wrong_backbone(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_lora(_base(), tmp_path / "nope.safetensors")
     pkl = tmp_path / "x.pt"
+    torch.save({"w": _Unpicklable()}, pkl)  # loading it would run this module's code: refused
+    with pytest.raises(ValueError, match=r"x\.pt is a pickle .*cannot be read without unpickling code"):
+        load_lora(_base(), pkl)
     torch.save({}, pkl)
-    with pytest.raises(ValueError, match="pickle"):
+    with pytest.raises(ValueError, match="holds no tensors"):
         load_lora(_base(), pkl)
     path = save_lora(_trained(), tmp_path / "w.safetensors", backbone="cogvideox")
     with pytest.raises(ValueError, match="cogvideox"):

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backbones.encoders.t5 import (T5_PRESETS, UMT5Encoder, convert_t5_state_dict, encode_prompts,
-                              relative_position_bucket, t5_from_hf, t5_to_hf)
+from backbones.encoders.t5 import (T5_PRESETS, T5V11Config, T5V11Encoder, UMT5Config, UMT5Encoder,
+                                   convert_t5_state_dict, encode_prompts, relative_position_bucket, t5_from_hf,
+                                   t5_to_hf)
 from backbones.encoders.t5_tokenizer import (WanTokenizer, build_tiny_tokenizer, clean_text, save_tiny_tokenizer,
                                      save_tokenizer)
 
@@ -124,6 +125,34 @@ def test_bf16_runs_close_to_fp32() -> None:
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert _rel_err(out[1, :12].float(), ref[1, :12]) < 5e-2
+
+
+def test_umt5_equals_t5_v11_when_every_layer_shares_block_0s_bias() -> None:
+    """The two encoders share all math; only the bias location differs (per layer vs block 0)."""
+    cfg = dict(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=3)
+    umt5 = UMT5Encoder(UMT5Config(**cfg)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in umt5.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name
+                    else 0.3 * torch.randn(p.shape, generator=g))
+        for block in umt5.blocks[1:]:
+            block.pos_embedding.embedding.weight.copy_(umt5.blocks[0].pos_embedding.embedding.weight)
+    hf_names = convert_t5_state_dict(umt5.state_dict(), to="hf")
+    v11 = T5V11Encoder(T5V11Config(**cfg)).eval()
+    v11.load_state_dict({k: v for k, v in hf_names.items()
+                         if "relative_attention_bias" not in k or ".block.0." in k}, strict=True)
+    ids, mask = _padded_batch([150, 7], 150, vocab=256)
+    with torch.no_grad():
+        assert torch.equal(umt5(ids, mask), v11(ids, mask))
+        assert torch.equal(umt5(ids), v11(ids))
+
+
+def test_config_errors_name_their_class() -> None:
+    with pytest.raises(ValueError, match=r"^UMT5Config: dim_attn \(10\)"):
+        UMT5Config(dim_attn=10, num_heads=4)
+    with pytest.raises(ValueError, match=r"^T5V11Config: num_buckets \(7\)"):
+        T5V11Config(num_buckets=7)
 
 
 # ---------------------------------------------------------------- 5B contract on meta
