@@ -36,18 +36,21 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from lora_core.formats import save_lora
+from safetensors.torch import save_file
+
+from lora_core.atomic import atomic_write
+from lora_core.formats import read_lora, save_lora
+from lora_core.inject import lora_layers
 
 from ..encoders.clip import CLIP_TEXT_PRESETS, CLIPTextModel
-from ..encoders.clip_tokenizer import CLIPTokenizer
 from ..objectives import ddpm
 from ..objectives.ddpm_samplers import DDIM_PRESETS, cfg_model, make_sampler
 from ..spec import BackboneSpec, Batch, Component, Components, MediaRules, SampleOption, SampleRequest, Sources
 from . import checkpoint as ck
 from . import motion_checkpoint as mck
-from .motion import MOTION_ADAPTER_PRESETS, AnimateDiffTransformer3D, MotionAdapterConfig
+from .motion import MOTION_ADAPTER_PRESETS, AnimateDiffTransformer3D, MotionAdapter, MotionAdapterConfig
 from .motion_lora import from_original_lora, to_original_lora
-from .sd15 import TEXT_PRESET, SD15Spec, _random_init, tiny_tokenizer, unet_naming
+from .sd15 import TEXT_PRESET, SD15Spec, _random_init, unet_naming
 from .unet import UNET_PRESETS, UNet2DConditionModel
 from .unet_motion import UNetMotionModel
 from .vae import VAE_PRESETS, AutoencoderKL
@@ -221,7 +224,6 @@ class AnimateDiffSpec(SD15Spec):
                             dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Motion modules with no file: deterministic random ones on the random tiny base (so a LoRA on any of
         them trains from step 0), else PyTorch's default init with proj_out zeroed (identity modules)."""
-        from .motion import MotionAdapter
         with torch.device("meta"):
             adapter = MotionAdapter(cfg)
         adapter.to_empty(device=device)
@@ -268,19 +270,17 @@ class AnimateDiffSpec(SD15Spec):
 
     def export_lora(self, models: dict[str, nn.Module], out_dir: Path, written: Path, metadata: dict[str, str],
                     dtype: torch.dtype) -> list[Path]:
+        """`lora_diffusers.safetensors` (unless `written` is one) and, when every LoRA layer is in a motion
+        module, `motion_lora.safetensors` in the original MotionLoRA layout."""
         unet = models.get("unet")
         if unet is None or len(models) != 1:
             return []
         out: list[Path] = []
-        comp = self.components(metadata.get("preset", "tiny"))["unet"]
-        if "diffusers" not in written.name and not _format_of(written) == "diffusers":
+        if read_lora(written).format != "diffusers":
+            naming = self.components(metadata.get("preset", "tiny"))["unet"].naming
             out.append(save_lora(unet, out_dir / "lora_diffusers.safetensors", format="diffusers", backbone=self.name,
-                                 naming=comp.naming, metadata=metadata, dtype=dtype))
-        from lora_core.inject import lora_layers
+                                 naming=naming, metadata=metadata, dtype=dtype))
         if all(".motion_modules." in n for n in lora_layers(unet)):
-            from safetensors.torch import save_file
-
-            from lora_core.atomic import atomic_write
             sd = to_original_lora(unet, dtype=dtype)
             path = out_dir / "motion_lora.safetensors"
             atomic_write(path, lambda p: save_file(sd, str(p), metadata={"backbone": self.name, "format": "pt"}))
@@ -357,10 +357,5 @@ def _seeded_default():  # noqa: ANN202
         yield
 
 
-def _format_of(path: Path) -> str:
-    from lora_core.formats import read_lora
-    return read_lora(path).format
-
-
 __all__ = ["AnimateDiffSpec", "AnimateDiffObjectiveConfig", "MOTION_LORA_TARGETS", "MOTION_PARAMETERS",
-           "set_motion_norm", "motion_naming", "CLIPTokenizer", "tiny_tokenizer"]
+           "set_motion_norm", "motion_naming"]

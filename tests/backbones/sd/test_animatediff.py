@@ -33,7 +33,6 @@ from backbones.sd import motion_checkpoint as mck
 from backbones.sd.animatediff import AnimateDiffObjectiveConfig, set_motion_norm
 from backbones.sd.motion import MOTION_ADAPTER_PRESETS, MotionAdapter
 from backbones.sd.motion_keymap import motion_state_dict_to_original
-from backbones.sd.unet import UNET_PRESETS
 from backbones.sd.unet_motion import UNetMotionModel
 from backbones.spec import Batch, Sources
 from lora_core.data.sample_data import make_sample_dataset
@@ -482,3 +481,38 @@ def test_infer_merges_writes_a_gif_and_exports(lora_run: Path, root: Path) -> No
     x, y = (np.stack([np.asarray(Image.open(p)) for p in sorted(Path(d).glob("*.png"))]) for d in (merged_png, again_png))
     assert x.shape == y.shape == (8, 32, 32, 3)
     assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------ 7. several processes
+@pytest.mark.parametrize("mode,layout", [("lora", "ddp"), ("full", "fsdp")])
+def test_torchrun_equals_one_process(root: Path, webvid: Path, mode: str, layout: str) -> None:
+    """DDP (motion LoRA) and FSDP2 (full motion modules), both with gradient checkpointing, 2 processes x 1
+    sample against 1 process x 2 samples: the same losses and the same trained tensors."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    common = ["--max-steps", "3", "train.gradient_checkpointing=true", "lora.save_dtype=fp32",
+              f"components.unet.mode={mode}", "optim.lr=1e-3"]
+    single, multi = root / f"single_{mode}", root / f"{layout}_{mode}"
+    assert train.main(ad_args(root, webvid, single, *common, "--batch-size", "2")) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[3]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(repo / "train.py"), *ad_args(root, webvid, multi, *common, "--batch-size", "1", "--parallel", layout)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = losses(single), losses(multi)
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    name = "lora.safetensors" if mode == "lora" else "motion_module.safetensors"
+    sa, sb = load_file(str(single / name)), load_file(str(multi / name))
+    assert sa.keys() == sb.keys()
+    # Adam turns rounding-level differences of near-zero gradients into +-lr steps: a few elements may differ by
+    # up to 2 * lr per step; the tensors as a whole agree to 1e-3 of their norm
+    for k in sa:
+        d = (sa[k].float() - sb[k].float())
+        assert d.abs().max() <= 2 * 3 * 1e-3 and d.norm() <= 1e-3 * sb[k].float().norm().clamp_min(1e-6), k
