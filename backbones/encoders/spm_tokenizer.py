@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .t5_tokenizer import pad_rows
+
 SPM_FILE = "spiece.model"
 TOKENIZER_SUBDIR = "tokenizer"  # diffusers checkpoint layout: <ckpt>/tokenizer/spiece.model
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -261,13 +263,7 @@ class T5SpmTokenizer:
 
     def __call__(self, prompts: list[str], max_length: int = 226) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids [B, L] int64 (pad id after </s>), mask [B, L] int64 (1 = real token incl. </s>)."""
-        rows = self.encode_ids(prompts, max_length)
-        ids = torch.full((len(rows), max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), max_length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        return ids, mask
+        return pad_rows(self.encode_ids(prompts, max_length), max_length, self.pad_id)
 
 
 def _build_tokenizer(spm: SpmModel, extra_ids: int, source: str) -> Tokenizer:

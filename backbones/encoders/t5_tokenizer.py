@@ -109,13 +109,17 @@ class WanTokenizer:
 
     def __call__(self, prompts: list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids [B, L] int64 (pad id after </s>), mask [B, L] int64 (1 = real token incl. </s>)."""
-        rows = self.encode_ids(prompts, max_length)
-        ids = torch.full((len(rows), max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), max_length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        return ids, mask
+        return pad_rows(self.encode_ids(prompts, max_length), max_length, self.pad_id)
+
+
+def pad_rows(rows: list[list[int]], max_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [B, max_length] padded with pad_id, mask [B, max_length], 1 on real tokens)."""
+    ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 # ------------------------------------------------------------------------------------------
