@@ -431,14 +431,17 @@ class Validator:
         prompts = v.prompts if spec.uses_text else [None]
         rules = spec.media_rules(preset)
         try:
+            suffix = ".png" if rules.kind == "image" else spec.video_suffix
             for i, prompt in enumerate(prompts):
-                req = SampleRequest(prompts=[prompt] if prompt is not None else None, images=self.images,
-                                    frames=v.frames, height=v.height, width=v.width, steps=v.steps,
-                                    guidance=v.guidance, seed=v.seed, extras=dict(v.extras))
-                video = spec.sample(comps, req, device=self.device, autocast_dtype=autocast_dtype(cfg, self.device))
-                suffix = ".png" if rules.kind == "image" else spec.video_suffix
-                path = write_video(video[0], out / "samples" / f"step{step:06d}_{i}{suffix}", fps=rules.fps)
-                log.info("validation sample: %s", path)
+                for k in range(v.videos_per_prompt):
+                    req = SampleRequest(prompts=[prompt] if prompt is not None else None, images=self.images,
+                                        frames=v.frames, height=v.height, width=v.width, steps=v.steps,
+                                        guidance=v.guidance, seed=v.seed + k, extras=dict(v.extras))
+                    video = spec.sample(comps, req, device=self.device,
+                                        autocast_dtype=autocast_dtype(cfg, self.device))
+                    name = f"step{step:06d}_{i}" + (f"_{k}" if v.videos_per_prompt > 1 else "")
+                    path = write_video(video[0], out / "samples" / f"{name}{suffix}", fps=rules.fps)
+                    log.info("validation sample: %s", path)
         finally:
             for n, m in self.trainer.models.items():
                 m.train(was[n])

@@ -23,7 +23,13 @@ def _animatediff() -> BackboneSpec:
     return AnimateDiffSpec()
 
 
-_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan, "sd15": _sd15, "animatediff": _animatediff}
+def _cogvideox() -> BackboneSpec:
+    from .cogvideox.spec import CogVideoXSpec
+    return CogVideoXSpec()
+
+
+_FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan, "sd15": _sd15, "animatediff": _animatediff,
+                                                     "cogvideox": _cogvideox}
 _CACHE: dict[str, BackboneSpec] = {}
 
 

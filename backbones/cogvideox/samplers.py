@@ -63,10 +63,11 @@ OBJECTIVE_PRESETS: dict[str, DDPMObjectiveConfig] = {
     name: DDPMObjectiveConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000, prediction="v_prediction", zero_terminal_snr=True,
                               snr_shift=shift)
-    for name, shift in (("2b", 3.0), ("5b", 1.0), ("5b-i2v", 1.0), ("tiny", 3.0))
+    for name, shift in (("2b", 3.0), ("5b", 1.0), ("5b-i2v", 1.0), ("tiny", 3.0), ("tiny-i2v", 1.0))
 }
 # THUDM inference/cli_demo.py: "DDIM for 2B, DPM for 5B/5B-I2V"
-DEFAULT_SAMPLER: dict[str, Literal["ddim", "dpm"]] = {"2b": "ddim", "5b": "dpm", "5b-i2v": "dpm", "tiny": "ddim"}
+DEFAULT_SAMPLER: dict[str, Literal["ddim", "dpm"]] = {"2b": "ddim", "5b": "dpm", "5b-i2v": "dpm", "tiny": "ddim",
+                                                      "tiny-i2v": "dpm"}
 
 
 def cogvideox_objective(preset: str) -> DDPMObjectiveConfig:

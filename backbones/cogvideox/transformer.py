@@ -91,6 +91,11 @@ TRANSFORMER_PRESETS: dict[str, CogVideoXConfig] = {
     # Test size: sin-cos like the 2B; override the two flags for the 5B / I2V schemes. Sample grid 2 x 4 x 6.
     "tiny": CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, time_embed_dim=24, text_embed_dim=32,
                             num_layers=2, sample_width=12, sample_height=8, sample_frames=5),
+    # the I2V scheme at test size (32 input channels, learned table + RoPE); the learned table fixes the grid at
+    # 3 x 4 x 6 latents: 9 frames of 64 x 96
+    "tiny-i2v": CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, time_embed_dim=24, text_embed_dim=32,
+                                num_layers=2, sample_width=12, sample_height=8, sample_frames=9, in_channels=32,
+                                use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
 }
 
 

@@ -154,7 +154,9 @@ class ParallelConfig:
 @dataclass
 class ValidationConfig:
     every: int = 0                       # 0 = no validation samples
+    # a list; a prompt holding ":::" is split there (the CogVideoX scripts' --validation_prompt "a ::: b")
     prompts: list[str] = field(default_factory=list)
+    videos_per_prompt: int = 1           # samples per prompt, seeds seed, seed + 1, ...
     images: dict[str, str] = field(default_factory=dict)   # named input images the backbone declares
     frames: int = 17
     height: int = 64
@@ -165,7 +167,10 @@ class ValidationConfig:
     extras: dict[str, Any] = field(default_factory=dict)   # backbone sampling options (e.g. shift)
 
     def validate(self) -> None:
-        for name, lo in (("every", 0), ("frames", 1), ("height", 1), ("width", 1), ("steps", 1)):
+        if any(":::" in p for p in self.prompts):
+            self.prompts = [q.strip() for p in self.prompts for q in p.split(":::") if q.strip()]
+        for name, lo in (("every", 0), ("frames", 1), ("height", 1), ("width", 1), ("steps", 1),
+                         ("videos_per_prompt", 1)):
             v = getattr(self, name)
             if v < lo:
                 raise _bad(f"validation.{name}", v, f"an integer >= {lo}")
@@ -282,6 +287,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. optim.lr=1e-4)")
     key, raw = text.split("=", 1)
+    if ":::" in raw and not raw.lstrip().startswith(("[", "{", "'", '"')):
+        return key.strip(), raw.strip()  # "prompt one ::: prompt two" (CogVideoX's --validation_prompt), not YAML
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
         value = None
