@@ -528,3 +528,29 @@ def test_torchrun_equals_one_process(data: Path, root: Path, layout: str) -> Non
     for k in sa:  # Adam: near-zero gradients may step +-lr apart; the tensors agree to 1e-3 of their norm
         d = sa[k].float() - sb[k].float()
         assert d.abs().max() <= 2 * 3 * 1e-3 and d.norm() <= 1e-3 * sb[k].float().norm().clamp_min(1e-6), k
+
+
+def test_kohya_cogvideox_fun_file_merges_as_written(root: Path) -> None:
+    """A CogVideoX-Fun / kohya file (`lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight`, `.alpha`),
+    written here by hand: the merged weight is W + strength * alpha / r * up @ down."""
+    from lora_core.inject import merge_lora
+    g = torch.Generator().manual_seed(4)
+    model = tiny_transformer()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    sd, want = {}, dict(base)
+    for i in range(TINY.num_layers):
+        for leaf in ("to_q", "to_v"):
+            name = f"transformer_blocks.{i}.attn1.{leaf}"
+            w = base[name + ".weight"]
+            down, up = torch.randn(4, w.shape[1], generator=g), torch.randn(w.shape[0], 4, generator=g) * 0.1
+            key = "lora_unet_" + name.replace(".", "_")
+            sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+            want[name + ".weight"] = w + 0.5 * 2.0 / 4 * (up @ down)
+    path = root / "fun_lora.safetensors"
+    save_file(sd, str(path))
+    assert read_lora(path).format == "kohya"
+    load_lora(model, path, 0.5, naming=TRANSFORMER_NAMING)
+    merge_lora(model)
+    got = model.state_dict()
+    for k in base:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
