@@ -28,8 +28,18 @@ def _cogvideox() -> BackboneSpec:
     return CogVideoXSpec()
 
 
+def _svd() -> BackboneSpec:
+    from .svd.spec import SVDSpec
+    return SVDSpec()
+
+
+def _framer() -> BackboneSpec:
+    from .svd.spec import FramerSpec
+    return FramerSpec()
+
+
 _FACTORIES: dict[str, Callable[[], BackboneSpec]] = {"wan_ti2v": _wan, "sd15": _sd15, "animatediff": _animatediff,
-                                                     "cogvideox": _cogvideox}
+                                                     "cogvideox": _cogvideox, "svd": _svd, "framer": _framer}
 _CACHE: dict[str, BackboneSpec] = {}
 
 

@@ -1,0 +1,441 @@
+"""`--backbone svd` (Stable Video Diffusion image-to-video) and `--backbone framer` (Framer: interpolation between a
+start and an end frame on the SVD-xt UNet), LoRA on the UNet, trained with the model's own EDM parameterisation.
+
+Weights: `--ckpt-dir` = the SVD diffusers folder (`stabilityai/stable-video-diffusion-img2vid-xt`: unet/, vae/,
+image_encoder/, feature_extractor/, scheduler/; the plain or the `.fp16` files). Framer adds
+`model.sources.framer` = `checkpoints/framer_512x320` (its unet/ replaces SVD's; its controlnet/ is the point-track
+ControlNet). Every key and shape is checked from the headers before anything loads. The tiny presets run on
+deterministic random weights.
+
+Training (svd-framer.md §4.1, §8.2, §8.3), what the published FramerTurbo loop gets wrong done right:
+- EDM v-prediction with EDM c_noise (σ_data = 1): ln σ ~ N(0.7, 1.6), the UNet sees c_in·x_σ and c_noise = ¼ln σ,
+  loss λ(σ)·‖D − x₀‖² with D = c_skip·x_σ + c_out·F (`backbones.objectives.edm`), not DDPM ε;
+- the conditioning latents are the VAE **mode** of the noise-augmented conditioning frame(s), **unscaled**, with
+  σ_cond drawn per sample (ln σ_cond ~ N(−3, 0.5)) and passed as the third time id. σ_cond and the augmentation
+  are drawn once per clip when the media cache is filled (a generator seeded by the frame's content), so the VAE
+  stays out of the training loop; the published trainers redraw them every step;
+- CLIP image embeddings of the clean frame(s) with the pipeline's own preprocessing (antialiased resize + CLIP
+  normalisation);
+- the fps id as inference passes it (fps − 1 = 6 for the default 7), motion bucket 127;
+- condition dropout (`data.condition_dropout.image`, 0.1 by default) as the pipeline's unconditional branch: zero
+  CLIP tokens and zero conditioning latents (Framer: the mask token and mask channel stay);
+- no offset noise.
+Framer's conditioning: the start latent at frame 0, the UNet's `mask_token` between, the end latent at the last
+frame, a mask channel, [start, end] CLIP tokens.
+
+Files: `lora.safetensors` (`lora.save_format`, diffusers `unet.` keys by default) and `unet_lora/` (a PEFT adapter
+folder: adapter_config.json + adapter_model.safetensors, what FramerTurbo writes, so `PeftModel.from_pretrained`
+on the UNet loads it unchanged).
+
+Shapes: B videos, F frames, H/W pixels, h/w latents, Z = 4 latent channels, N conditioning images (SVD 1, Framer
+2), D the CLIP projection width (1024).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from lora_core.atomic import atomic_write
+from lora_core.formats import KeyMap, LoRANaming
+from lora_core.inject import lora_layers
+
+from ..encoders.clip_vision import (CLIP_VISION_PRESETS, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                                    clip_vision_file_key, encode_image)
+from ..loading import expected_shapes, load_safetensors_into, safetensors_shapes, validate
+from ..objectives import edm
+from ..objectives.edm_samplers import (SVD_FPS, SVD_MAX_GUIDANCE, SVD_MIN_GUIDANCE, SVD_MOTION_BUCKET_ID,
+                                       SVD_NOISE_AUG_STRENGTH, SVDEulerSampler, added_time_ids, sample_svd)
+from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Condition, MediaRules, SampleOption,
+                    SampleRequest, Sources)
+from .unet import UNET_PRESETS, UNetSpatioTemporalConditionModel, UNetSpatioTemporalConfig
+from .vae import VAE_PRESETS, AutoencoderKLTemporalDecoder, TemporalDecoderVAEConfig
+
+SCALE = 0.18215
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # SVD_Xtend's LoRA
+# FramerTurbo's (§8.1): 52,117,504 parameters at r 64 on the Framer UNet
+TURBO_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+UNET_NAMING = LoRANaming(prefixes={"native": "", "diffusers": "unet.", "kohya": "lora_unet_",
+                                   "peft": "base_model.model."}, key_map=KeyMap.identity(prefix="unet."))
+_SEEDS = {"unet": 30, "vae": 31, "image_encoder": 32}
+# the tiny presets: the UNet's context width is the tiny CLIP's projection width
+TINY_CLIP = dataclasses.replace(CLIP_VISION_PRESETS["tiny"], projection_dim=UNET_PRESETS["tiny"].cross_attention_dim)
+
+
+@dataclass
+class SVDObjectiveConfig(edm.EDMObjectiveConfig):
+    """`objective.*`: EDM plus the conditioning ids training feeds (as inference will: fps − 1 is passed)."""
+
+    fps: int = SVD_FPS
+    motion_bucket_id: int = SVD_MOTION_BUCKET_ID
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("fps", "motion_bucket_id"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"objective.{key}={v!r} must be an integer >= 1 (SVD: fps 7, motion bucket 127)")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _random_init(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic random weights: each layer's own init, and N(0, 0.2) for the parameters of modules without
+    one (Framer's mask_token, the AlphaBlenders' mix_factor, CLIP's class_embedding), which `to_empty` leaves as
+    whatever the memory held."""
+    with _seeded(seed), torch.no_grad():
+        for m in module.modules():
+            if m is not module and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            else:
+                for p in m.parameters(recurse=False):
+                    p.normal_(0, 0.2)
+    return module
+
+
+def _content_seed(x: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.sha256(x.detach().float().cpu().numpy().tobytes()).digest()[:8], "little")
+
+
+def _weights(folder: Path, stem: str) -> list[Path]:
+    """`<stem>.safetensors` (or its shards), else the `.fp16` variant; FileNotFoundError naming the folder."""
+    for name in (stem, f"{stem}.fp16"):
+        single, index = folder / f"{name}.safetensors", folder / f"{name}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+        if single.is_file():
+            return [single]
+    raise FileNotFoundError(f"{folder} has no {stem}.safetensors (nor {stem}.fp16.safetensors); expected the "
+                            f"official diffusers layout")
+
+
+class SVDSpec(BackboneSpec):
+    name = "svd"
+    presets = ("tiny", "svd", "svd-xt")
+    random_presets = ("tiny",)
+    default_rank = 16
+    default_alpha = 16.0
+    uses_text = False
+    lora_file_metadata = {"modelspec.architecture": "stable-video-diffusion/lora"}
+    framer = False
+    conditioning_images = 1
+
+    # ------------------------------------------------------------------------------ declarations
+    def unet_preset(self, preset: str) -> str:
+        return preset
+
+    def components(self, preset: str) -> dict[str, Component]:
+        self.check_preset(preset)
+        return {
+            "unet": Component("unet", modes=("lora", "full", "frozen"), in_training=True,
+                              lora_targets=TURBO_TARGETS if self.framer else ATTENTION_TARGETS, naming=UNET_NAMING,
+                              description="UNetSpatioTemporalConditionModel (EDM v-prediction denoiser)"),
+            "vae": Component("vae", description="AutoencoderKLTemporalDecoder (8x, 4 channels, scale 0.18215)"),
+            "image_encoder": Component("image_encoder", description="CLIP ViT-H/14 image encoder + projection"),
+        }
+
+    def media_rules(self, preset: str) -> MediaRules:
+        self.check_preset(preset)
+        if preset.startswith("tiny"):
+            return MediaRules(kind="video", frame_sampling="stride", fps=7.0, frame_stride=4, frame_multiple=1,
+                              frame_offset=0, size_multiple=16, default_frames=4, default_height=32,
+                              default_width=32)
+        frames = UNET_PRESETS[self.unet_preset(preset)].num_frames
+        h, w = (320, 512) if self.framer else (576, 1024)
+        return MediaRules(kind="video", frame_sampling="stride", fps=7.0, frame_stride=4, frame_multiple=1,
+                          frame_offset=0, size_multiple=64, default_frames=frames, default_height=h, default_width=w)
+
+    def cache_fields(self, preset: str, trained: frozenset[str] = frozenset()) -> list[CacheField]:
+        return [CacheField(n, "media") for n in ("latent_mean", "latent_logvar", "cond_latent", "cond_sigma",
+                                                  "clip_embeds")]
+
+    def conditions(self, preset: str) -> list[Condition]:
+        return [Condition("image", fields=("cond_latent", "clip_embeds"), null="zeros")]
+
+    def encoder_parts(self, preset: str, keyed_by: str, trained: frozenset[str] = frozenset()) -> set[str]:
+        return {"vae", "image_encoder"} if keyed_by == "media" else set()
+
+    def objective_config(self, preset: str) -> SVDObjectiveConfig:
+        return SVDObjectiveConfig()
+
+    def preset_overrides(self, preset: str) -> dict[str, Any]:
+        common = {"lora.rank": 64 if self.framer else 16, "lora.alpha": 64.0 if self.framer else 16.0,
+                  "lora.save_format": "diffusers", "data.condition_dropout": {"image": 0.1}, "data.buckets": False}
+        if preset.startswith("tiny"):
+            return {**common, "lora.rank": 8, "lora.alpha": 8.0, "train.max_steps": 40, "train.log_every": 10,
+                    "optim.lr": 1e-3, "validation.frames": 4, "validation.height": 32, "validation.width": 32,
+                    "validation.steps": 4}
+        rules = self.media_rules(preset)
+        return {**common, "optim.lr": 1e-4, "optim.warmup_steps": 500, "optim.grad_clip": 1.0,
+                "train.gradient_checkpointing": True, "validation.frames": rules.default_frames,
+                "validation.height": rules.default_height, "validation.width": rules.default_width,
+                "validation.steps": 25}
+
+    def units(self, name: str, module: nn.Module) -> list[nn.Module]:
+        return module.units()  # type: ignore[operator]
+
+    def image_inputs(self, preset: str) -> dict[str, str]:
+        return {"image": "the conditioning (first) frame"}
+
+    def sample_options(self, preset: str) -> list[SampleOption]:
+        return [SampleOption("min_guidance", float, "guidance of the first frame (default 1.0)"),
+                SampleOption("max_guidance", float, "guidance of the last frame (default 3.0; <= 1 turns CFG off)"),
+                SampleOption("fps", int, "the fps id (default 7; the UNet gets fps - 1)"),
+                SampleOption("motion_bucket_id", int, "motion amount id (default 127)"),
+                SampleOption("noise_aug_strength", float, "noise added to the conditioning frame(s) (default 0.02)"),
+                SampleOption("decode_chunk_size", int, "frames per VAE decode (default: all)")]
+
+    def default_steps(self, preset: str) -> int:
+        return 4 if preset.startswith("tiny") else 25
+
+    def default_guidance(self, preset: str) -> float:
+        return SVD_MAX_GUIDANCE
+
+    def sources(self, preset: str) -> dict[str, str]:
+        return {}
+
+    # ------------------------------------------------------------------------------ building
+    def _configs(self, preset: str) -> tuple[UNetSpatioTemporalConfig, TemporalDecoderVAEConfig, CLIPVisionConfig]:
+        self.check_preset(preset)
+        tiny = preset.startswith("tiny")
+        return (UNET_PRESETS[self.unet_preset(preset)], VAE_PRESETS["tiny" if tiny else "svd"],
+                TINY_CLIP if tiny else CLIP_VISION_PRESETS["vit-h-14"])
+
+    def component_specs(self, preset: str) -> dict[str, nn.Module]:
+        u, v, c = self._configs(preset)
+        with torch.device("meta"):
+            return {"unet": UNetSpatioTemporalConditionModel(u), "vae": AutoencoderKLTemporalDecoder(v),
+                    "image_encoder": CLIPVisionModelWithProjection(c)}
+
+    def _files(self, preset: str, sources: Sources) -> dict[str, tuple[list[Path], Any]]:
+        """part -> (weight files, rename) from the folders."""
+        root = sources.ckpt_dir
+        assert root is not None
+        if not root.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {root} does not exist (expected the diffusers folder of "
+                                    "stabilityai/stable-video-diffusion-img2vid-xt)")
+        unet_root = sources.extra.get("framer", root) if self.framer else root
+        return {"unet": (_weights(unet_root / "unet", "diffusion_pytorch_model"), None),
+                "vae": (_weights(root / "vae", "diffusion_pytorch_model"), None),
+                "image_encoder": (_weights(root / "image_encoder", "model"), clip_vision_file_key)}
+
+    def check_sources(self, preset: str, sources: Sources, parts: set[str]) -> None:
+        self.check_preset(preset)
+        super().check_sources(preset, sources, parts)
+        if sources.empty:
+            return
+        if sources.ckpt_dir is None:
+            raise ValueError(f"backbone {self.name!r} needs --ckpt-dir: the SVD diffusers folder (its VAE and image "
+                             "encoder" + (", with model.sources.framer for Framer's UNet)" if self.framer else ")"))
+        if self.framer and "framer" not in sources.extra and "unet" in parts:
+            raise ValueError("backbone 'framer' needs model.sources.framer=/path/to/checkpoints/framer_512x320 "
+                             "(its unet/ replaces SVD's); infer.py: --source framer=...")
+        files = self._files(preset, sources)
+        metas = self.component_specs(preset)
+        for part in sorted(set(parts) & set(files)):
+            paths, rename = files[part]
+            found = {}
+            for k, (_, shape) in safetensors_shapes(paths).items():
+                name = rename(k) if rename else k
+                if name is not None:
+                    found[name] = shape
+            where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
+            validate(expected_shapes(metas[part]), found, f"{where} ({part})")
+
+    def build(self, preset: str, parts: set[str], sources: Sources | None = None,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Components:
+        sources = sources or Sources()
+        self.check_sources(preset, sources, set(parts))
+        metas = self.component_specs(preset)
+        files = None if sources.empty else self._files(preset, sources)
+        comps: Components = {}
+        for part in ("unet", "vae", "image_encoder"):
+            if part not in parts:
+                continue
+            module = metas[part]
+            part_dtype = torch.float32 if part == "vae" else dtype  # the VAE decodes in fp32 (force_upcast)
+            if files is None:
+                module.to_empty(device=device)
+                _random_init(module, _SEEDS[part])
+                module.to(part_dtype)
+            else:
+                paths, rename = files[part]
+                load_safetensors_into(module, paths, rename=rename, dtype=part_dtype, device=device)
+            comps[part] = module if part == "unet" else module.eval()
+        return comps
+
+    # ---------------------------------------------------------------------------------- data
+    def _condition_frames(self, video: torch.Tensor) -> torch.Tensor:
+        """[3, F, H, W] -> the conditioning frames [N, 3, H, W] (SVD: the first; Framer: first and last)."""
+        return video[:, [0, -1]].permute(1, 0, 2, 3) if self.framer else video[:, :1].permute(1, 0, 2, 3)
+
+    @torch.no_grad()
+    def encode_media(self, comps: Components, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-frame VAE posteriors [F, Z, h, w]; the conditioning latents [N, Z, h, w] = VAE mode of the frame(s)
+        noise-augmented with σ_cond (one draw per clip, seeded by the frame content), unscaled; σ_cond; CLIP
+        embeddings [N, D] of the clean frame(s)."""
+        vae, clip = comps["vae"], comps["image_encoder"]
+        dev = next(vae.parameters()).device
+        video = item["video"].to(dev)  # [3, F, H, W] in [-1, 1]
+        mean, logvar = vae.encode_dist(video.permute(1, 0, 2, 3))  # [F, Z, h, w]
+        cond = self._condition_frames(video)  # [N, 3, H, W]
+        cfg = self.objective_config("")
+        g = torch.Generator().manual_seed(_content_seed(cond))
+        sigma = edm.draw_cond_sigmas([g], cfg)  # [1]
+        noisy = cond + sigma.item() * torch.randn(cond.shape, generator=g).to(dev)
+        cond_latent, _ = vae.encode_dist(noisy)
+        embeds = encode_image(clip, cond.to(next(clip.parameters()).dtype))[:, 0]  # [N, D]
+        return {"latent_mean": mean.float().cpu(), "latent_logvar": logvar.float().cpu(),
+                "cond_latent": cond_latent.float().cpu(), "cond_sigma": sigma[0].float().cpu(),
+                "clip_embeds": embeds.float().cpu()}
+
+    # ------------------------------------------------------------------------------ objective
+    def _unet_input(self, unet: nn.Module, x: torch.Tensor, cond_latent: torch.Tensor) -> torch.Tensor:
+        """[B, F, Z, h, w] scaled noisy latents + [B, N, Z, h, w] conditioning latents -> the UNet's input."""
+        f = x.shape[1]
+        if self.framer:
+            inner = getattr(unet, "module", unet)
+            cond = inner.interp_condition(cond_latent[:, 0], cond_latent[:, 1], f)
+        else:
+            cond = cond_latent[:, :1].expand(-1, f, -1, -1, -1)
+        return torch.cat([x, cond.to(x.dtype)], dim=2)
+
+    def training_loss(self, models: dict[str, nn.Module], batch: Batch, cfg: SVDObjectiveConfig) -> torch.Tensor:
+        mean, logvar = batch.stack("latent_mean"), batch.stack("latent_logvar")  # [B, F, Z, h, w]
+        gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean.device)
+        x0 = (mean + torch.exp(0.5 * logvar) * eps) * SCALE
+        inp = edm.training_inputs(x0, cfg, gens)
+        unet = models["unet"]
+        wdt = next(unet.parameters()).dtype
+        sample = self._unet_input(unet, inp.model_input, batch.stack("cond_latent").to(mean.device))
+        ids = added_time_ids(cfg.fps, cfg.motion_bucket_id, batch.stack("cond_sigma").to(mean.device).flatten(),
+                             batch=len(batch.seeds), device=mean.device)
+        out = unet(sample.to(wdt), inp.c_noise, batch.stack("clip_embeds").to(mean.device, wdt), ids.to(wdt))
+        return edm.edm_loss(out.float(), inp, cfg)
+
+    # ------------------------------------------------------------------------------- sampling
+    def _request_images(self, request: SampleRequest) -> torch.Tensor:
+        if "image" not in request.images:
+            raise ValueError(f"backbone {self.name!r} animates an image: give --image (validation.images.image)")
+        images = [request.images["image"]]
+        if self.framer:
+            if "image_end" not in request.images:
+                raise ValueError("backbone 'framer' interpolates between two frames: give --image and --image-end "
+                                 "(validation.images: {image: ..., image_end: ...})")
+            images.append(request.images["image_end"])
+        return torch.stack(images)  # [N, 3, H, W]
+
+    @torch.no_grad()
+    def sample(self, comps: Components, request: SampleRequest, *, device: torch.device | str = "cpu",
+               autocast_dtype: torch.dtype | None = None, offload: bool = False,
+               progress: bool = False) -> torch.Tensor:
+        """The pipeline: CLIP tokens and noise-augmented VAE-mode latents of the conditioning frame(s), Euler on
+        Karras σ with per-frame guidance from min to max, zeros for the unconditional branch. [1, 3, F, H, W]."""
+        device = torch.device(device)
+        unet, vae, clip = comps["unet"], comps["vae"], comps["image_encoder"]
+        ex = request.extras
+        aug = SVD_NOISE_AUG_STRENGTH if ex.get("noise_aug_strength") is None else float(ex["noise_aug_strength"])
+        lo = SVD_MIN_GUIDANCE if ex.get("min_guidance") is None else float(ex["min_guidance"])
+        hi = (SVD_MAX_GUIDANCE if request.guidance is None else float(request.guidance)) \
+            if ex.get("max_guidance") is None else float(ex["max_guidance"])
+        images = self._request_images(request).to(device)  # [N, 3, H, W]
+        if self.framer and request.frames < 3:
+            raise ValueError(f"--frames {request.frames}: Framer needs >= 3 (start, in-between, end)")
+        wdt = next(unet.parameters()).dtype
+        g = torch.Generator().manual_seed(request.seed)
+        embeds = encode_image(clip, images[None].to(next(clip.parameters()).dtype)).to(wdt)  # [1, N, D]
+        noisy = images + aug * torch.randn(images.shape, generator=g).to(device)
+        cond, _ = vae.encode_dist(noisy)  # [N, Z, h, w], the mode, unscaled
+        cond = cond[None]  # [1, N, Z, h, w]
+        factor = vae.cfg.spatial_factor
+        shape = (1, request.frames, 4, request.height // factor, request.width // factor)
+        noise = torch.randn(shape, generator=g).to(device)
+        ids = added_time_ids(ex.get("fps") or SVD_FPS, ex.get("motion_bucket_id") or SVD_MOTION_BUCKET_ID, aug,
+                             batch=1, device=device).to(wdt)
+        do_cfg = hi > 1
+        if do_cfg:  # [uncond; cond]: zero CLIP tokens and zero latents (Framer keeps its mask token)
+            cond, embeds = torch.cat([torch.zeros_like(cond), cond]), torch.cat([torch.zeros_like(embeds), embeds])
+            ids = torch.cat([ids, ids])
+        amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(self._unet_input(unet, x, cond).to(wdt), t, embeds, ids).float()
+
+        with amp:
+            latents = sample_svd(model_fn, noise, SVDEulerSampler(), request.steps, lo, hi, request.frames,
+                                 progress=progress)
+        z = (latents[0] / SCALE).to(next(vae.parameters()).dtype)  # [F, Z, h, w]
+        frames = vae.decode(z, num_frames=request.frames, decode_chunk_size=ex.get("decode_chunk_size")).float()
+        return frames.permute(1, 0, 2, 3)[None].clamp(-1, 1)  # [1, 3, F, H, W]
+
+    # ------------------------------------------------------------------------------- files
+    def export_lora(self, models: dict[str, nn.Module], out_dir: Path, written: Path, metadata: dict[str, str],
+                    dtype: torch.dtype) -> list[Path]:
+        """`unet_lora/`: the PEFT adapter folder FramerTurbo writes (`base_model.model.<name>.lora_A.weight`,
+        adapter_config.json with r, lora_alpha and the adapted module names)."""
+        unet = models.get("unet")
+        if unet is None or len(models) != 1:
+            return []
+        layers = lora_layers(unet)
+        ranks = {m.lora_rank for m in layers.values()}
+        alphas = {float(m.lora_alpha) for m in layers.values()}
+        if len(ranks) != 1 or len(alphas) != 1 or any(m.lora_use_rslora for m in layers.values()):
+            return []  # PEFT's one r / lora_alpha cannot describe it; the engine's own files still do
+        sd = {}
+        for name, m in layers.items():
+            sd[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().reshape(m.lora_A.shape[0], -1).to(dtype).cpu().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().reshape(m.lora_B.shape[0], -1).to(dtype).cpu().contiguous()
+        cfg = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": sorted(layers),
+               "lora_dropout": 0.0, "bias": "none", "init_lora_weights": "gaussian", "task_type": None,
+               "base_model_name_or_path": None, "fan_in_fan_out": False, "modules_to_save": None,
+               "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+               "inference_mode": True}
+        folder = out_dir / "unet_lora"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "adapter_model.safetensors",
+                     lambda p: save_file(sd, str(p), metadata={"format": "pt", "backbone": self.name}))
+        atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+        return [folder]
+
+
+class FramerSpec(SVDSpec):
+    name = "framer"
+    presets = ("tiny", "framer")
+    default_rank = 64     # FramerTurbo's r 64 / alpha 64
+    default_alpha = 64.0
+    lora_file_metadata = {"modelspec.architecture": "framer-svd-xt/lora"}
+    framer = True
+    conditioning_images = 2
+
+    def unet_preset(self, preset: str) -> str:
+        return "tiny-framer" if preset == "tiny" else "framer"
+
+    def sources(self, preset: str) -> dict[str, str]:
+        return {"framer": "Framer's checkpoints/framer_512x320 folder (unet/, controlnet/)"}
+
+    def image_inputs(self, preset: str) -> dict[str, str]:
+        return {"image": "the start frame", "image_end": "the end frame"}
+
+    def media_rules(self, preset: str) -> MediaRules:
+        rules = super().media_rules(preset)
+        return rules if preset != "tiny" else dataclasses.replace(rules, default_frames=4)
+
+
+__all__ = ["SVDSpec", "FramerSpec", "SVDObjectiveConfig", "UNET_NAMING", "ATTENTION_TARGETS", "TURBO_TARGETS"]
