@@ -57,6 +57,8 @@ from ..objectives.edm_samplers import (SVD_FPS, SVD_MAX_GUIDANCE, SVD_MIN_GUIDAN
                                        SVD_NOISE_AUG_STRENGTH, SVDEulerSampler, added_time_ids, sample_svd)
 from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Condition, MediaRules, SampleOption,
                     SampleRequest, Sources)
+from .controlnet import CONTROLNET_PRESETS, ControlNetSVDModel
+from .tracks import load_tracks, render_heatmaps
 from .unet import UNET_PRESETS, UNetSpatioTemporalConditionModel, UNetSpatioTemporalConfig
 from .vae import VAE_PRESETS, AutoencoderKLTemporalDecoder, TemporalDecoderVAEConfig
 
@@ -66,7 +68,7 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # SVD_Xtend's LoRA
 TURBO_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 UNET_NAMING = LoRANaming(prefixes={"native": "", "diffusers": "unet.", "kohya": "lora_unet_",
                                    "peft": "base_model.model."}, key_map=KeyMap.identity(prefix="unet."))
-_SEEDS = {"unet": 30, "vae": 31, "image_encoder": 32}
+_SEEDS = {"unet": 30, "vae": 31, "image_encoder": 32, "controlnet": 33}
 # the tiny presets: the UNet's context width is the tiny CLIP's projection width
 TINY_CLIP = dataclasses.replace(CLIP_VISION_PRESETS["tiny"], projection_dim=UNET_PRESETS["tiny"].cross_attention_dim)
 
@@ -219,20 +221,26 @@ class SVDSpec(BackboneSpec):
     def component_specs(self, preset: str) -> dict[str, nn.Module]:
         u, v, c = self._configs(preset)
         with torch.device("meta"):
-            return {"unet": UNetSpatioTemporalConditionModel(u), "vae": AutoencoderKLTemporalDecoder(v),
-                    "image_encoder": CLIPVisionModelWithProjection(c)}
+            out = {"unet": UNetSpatioTemporalConditionModel(u), "vae": AutoencoderKLTemporalDecoder(v),
+                   "image_encoder": CLIPVisionModelWithProjection(c)}
+            if self.framer:
+                out["controlnet"] = ControlNetSVDModel(CONTROLNET_PRESETS["tiny" if preset == "tiny" else "framer"])
+            return out
 
-    def _files(self, preset: str, sources: Sources) -> dict[str, tuple[list[Path], Any]]:
-        """part -> (weight files, rename) from the folders."""
+    def _files(self, preset: str, sources: Sources) -> dict[str, tuple[Any, Any]]:
+        """part -> (a function giving its weight files, rename) from the folders."""
         root = sources.ckpt_dir
         assert root is not None
         if not root.is_dir():
             raise FileNotFoundError(f"checkpoint folder {root} does not exist (expected the diffusers folder of "
                                     "stabilityai/stable-video-diffusion-img2vid-xt)")
         unet_root = sources.extra.get("framer", root) if self.framer else root
-        return {"unet": (_weights(unet_root / "unet", "diffusion_pytorch_model"), None),
-                "vae": (_weights(root / "vae", "diffusion_pytorch_model"), None),
-                "image_encoder": (_weights(root / "image_encoder", "model"), clip_vision_file_key)}
+        files = {"unet": (lambda: _weights(unet_root / "unet", "diffusion_pytorch_model"), None),
+                 "vae": (lambda: _weights(root / "vae", "diffusion_pytorch_model"), None),
+                 "image_encoder": (lambda: _weights(root / "image_encoder", "model"), clip_vision_file_key)}
+        if self.framer:
+            files["controlnet"] = (lambda: _weights(unet_root / "controlnet", "diffusion_pytorch_model"), None)
+        return files
 
     def check_sources(self, preset: str, sources: Sources, parts: set[str]) -> None:
         self.check_preset(preset)
@@ -248,7 +256,8 @@ class SVDSpec(BackboneSpec):
         files = self._files(preset, sources)
         metas = self.component_specs(preset)
         for part in sorted(set(parts) & set(files)):
-            paths, rename = files[part]
+            locate, rename = files[part]
+            paths = locate()
             found = {}
             for k, (_, shape) in safetensors_shapes(paths).items():
                 name = rename(k) if rename else k
@@ -264,8 +273,8 @@ class SVDSpec(BackboneSpec):
         metas = self.component_specs(preset)
         files = None if sources.empty else self._files(preset, sources)
         comps: Components = {}
-        for part in ("unet", "vae", "image_encoder"):
-            if part not in parts:
+        for part in ("unet", "vae", "image_encoder", "controlnet"):
+            if part not in parts or part not in metas:
                 continue
             module = metas[part]
             part_dtype = torch.float32 if part == "vae" else dtype  # the VAE decodes in fp32 (force_upcast)
@@ -274,8 +283,8 @@ class SVDSpec(BackboneSpec):
                 _random_init(module, _SEEDS[part])
                 module.to(part_dtype)
             else:
-                paths, rename = files[part]
-                load_safetensors_into(module, paths, rename=rename, dtype=part_dtype, device=device)
+                locate, rename = files[part]
+                load_safetensors_into(module, locate(), rename=rename, dtype=part_dtype, device=device)
             comps[part] = module if part == "unet" else module.eval()
         return comps
 
@@ -375,8 +384,16 @@ class SVDSpec(BackboneSpec):
         amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
 
+        control = self._control(comps, request, device, do_cfg)
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(self._unet_input(unet, x, cond).to(wdt), t, embeds, ids).float()
+            inp = self._unet_input(unet, x, cond).to(wdt)
+            if control is None:
+                return unet(inp, t, embeds, ids).float()
+            net, heat, scale = control
+            down, mid = net(inp, t, embeds, ids, heat, conditioning_scale=scale)
+            return unet(inp, t, embeds, ids, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).float()
 
         with amp:
             latents = sample_svd(model_fn, noise, SVDEulerSampler(), request.steps, lo, hi, request.frames,
@@ -384,6 +401,22 @@ class SVDSpec(BackboneSpec):
         z = (latents[0] / SCALE).to(next(vae.parameters()).dtype)  # [F, Z, h, w]
         frames = vae.decode(z, num_frames=request.frames, decode_chunk_size=ex.get("decode_chunk_size")).float()
         return frames.permute(1, 0, 2, 3)[None].clamp(-1, 1)  # [1, 3, F, H, W]
+
+    def _control(self, comps: Components, request: SampleRequest, device: torch.device,
+                 doubled: bool) -> tuple[nn.Module, torch.Tensor, float] | None:
+        """(ControlNet, heatmaps [B, F, 3, H, W] in 0..255, scale) when point tracks are given (Framer)."""
+        path = request.extras.get("tracks")
+        if path is None:
+            return None
+        if "controlnet" not in comps:
+            raise ValueError(f"--tracks: backbone {self.name!r} has no ControlNet; use --backbone framer")
+        tracks = load_tracks(path, request.height, request.width)
+        if tracks.shape[0] != request.frames:
+            raise ValueError(f"--tracks {path}: {tracks.shape[0]} frames, but --frames is {request.frames}")
+        net = comps["controlnet"]
+        heat = render_heatmaps(tracks, request.height, request.width)[None].to(device, next(net.parameters()).dtype)
+        scale = 1.0 if request.extras.get("controlnet_scale") is None else float(request.extras["controlnet_scale"])
+        return net, (torch.cat([heat, heat]) if doubled else heat), scale  # both CFG branches get the control
 
     # ------------------------------------------------------------------------------- files
     def export_lora(self, models: dict[str, nn.Module], out_dir: Path, written: Path, metadata: dict[str, str],
@@ -432,6 +465,17 @@ class FramerSpec(SVDSpec):
 
     def image_inputs(self, preset: str) -> dict[str, str]:
         return {"image": "the start frame", "image_end": "the end frame"}
+
+    def components(self, preset: str) -> dict[str, Component]:
+        return {**super().components(preset),
+                "controlnet": Component("controlnet", description="ControlNetSVDModel (point-track control; "
+                                        "called in sampling when --tracks is given)")}
+
+    def sample_options(self, preset: str) -> list[SampleOption]:
+        return [*super().sample_options(preset),
+                SampleOption("tracks", str, "point tracks JSON ({frames, width, height, tracks: [[[x, y] x F] x P]}): "
+                             "the ControlNet follows them"),
+                SampleOption("controlnet_scale", float, "ControlNet residual scale (default 1.0)")]
 
     def media_rules(self, preset: str) -> MediaRules:
         rules = super().media_rules(preset)

@@ -241,3 +241,24 @@ def test_edm_v_form_equals_the_weighted_denoising_loss() -> None:
     v = (noise - sigma.view(-1, 1, 1, 1, 1) * x0) / (sigma**2 + 1).sqrt().view(-1, 1, 1, 1, 1)
     rhs = ((out - v) ** 2).mean(dim=(1, 2, 3, 4))
     torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-5)
+
+
+def test_framer_follows_point_tracks_through_its_controlnet(root: Path, images: dict[str, Path]) -> None:
+    """--tracks renders the heatmaps and adds the ControlNet's residuals; --controlnet-scale 0 is no control."""
+    tracks = root / "tracks.json"
+    tracks.write_text(json.dumps({"frames": 4, "width": 64, "height": 64,
+                                  "tracks": [[[8, 8], [20, 16], [32, 24], [48, 32]]]}))
+    common = ["--backbone", "framer", "--preset", "tiny", "--image", str(images["start"]), "--image-end",
+              str(images["end"]), "--frames", "4"]
+    outs = {}
+    for name, extra in (("none", []), ("tracks", ["--tracks", str(tracks)]),
+                        ("zero", ["--tracks", str(tracks), "--controlnet-scale", "0"])):
+        path = root / f"framer_{name}/"
+        infer.main([*common, *extra, "--output", str(path)])
+        outs[name] = np.stack([np.asarray(Image.open(p)) for p in sorted(path.glob("*.png"))])
+    assert not np.array_equal(outs["none"], outs["tracks"])
+    assert np.array_equal(outs["none"], outs["zero"])
+    bad = root / "bad_tracks.json"
+    bad.write_text(json.dumps({"frames": 3, "width": 64, "height": 64, "tracks": [[[1, 1], [2, 2], [3, 3]]]}))
+    with pytest.raises(ValueError, match="bad_tracks.json"):
+        infer.main([*common, "--tracks", str(bad), "--output", str(root / "bad.mp4")])
