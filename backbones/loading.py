@@ -6,6 +6,8 @@ cast, moved and assigned, so a 5B load never holds two copies of the weights.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,3 +133,25 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's CPU generator at `seed` inside, restored after (random weights the same in every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def random_init(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic random weights for a module built on the meta device and `to_empty`'d: each layer's own
+    init, and N(0, 0.2) for the parameters of modules without one (e.g. Framer's mask_token, SVD's mix_factor,
+    CLIP's class_embedding), which `to_empty` would leave as whatever the memory held."""
+    with seeded(seed), torch.no_grad():
+        for m in module.modules():
+            if m is not module and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            else:
+                for p in m.parameters(recurse=False):
+                    p.normal_(0, 0.2)
+    return module

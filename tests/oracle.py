@@ -93,3 +93,35 @@ class ThreadSP:
         if errors:
             raise errors[0]
         return results  # type: ignore[return-value]
+
+
+def torchrun_train(argv: list[str], nproc: int = 2, timeout: int = 600) -> None:
+    """`python -m torch.distributed.run --nproc_per_node=nproc train.py *argv` on CPU (gloo, one thread each);
+    asserts it exits 0, showing its stderr tail otherwise."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           str(repo / "train.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n--- stderr\n{r.stderr[-4000:]}"
+
+
+def assert_same_training(losses_a: list[float], losses_b: list[float], tensors_a: dict[str, torch.Tensor],
+                         tensors_b: dict[str, torch.Tensor], lr: float, steps: int) -> None:
+    """Two runs of one training: losses within 1e-4 relative; every trained tensor within 2·lr per step, the
+    bound of Adam turning rounding-level differences of near-zero gradients into ±lr steps (a zero-initialised
+    LoRA B is all such steps, so no relative check)."""
+    assert len(losses_a) == len(losses_b) == steps, (losses_a, losses_b)
+    assert max(abs(x - y) / abs(y) for x, y in zip(losses_a, losses_b)) < 1e-4, (losses_a, losses_b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for k in tensors_a:
+        assert (tensors_a[k].float() - tensors_b[k].float()).abs().max() <= 2 * steps * lr, k

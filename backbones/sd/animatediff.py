@@ -50,7 +50,8 @@ from . import checkpoint as ck
 from . import motion_checkpoint as mck
 from .motion import MOTION_ADAPTER_PRESETS, AnimateDiffTransformer3D, MotionAdapter, MotionAdapterConfig
 from .motion_lora import from_original_lora, to_original_lora
-from .sd15 import TEXT_PRESET, SD15Spec, _random_init, unet_naming
+from ..loading import random_init, seeded
+from .sd15 import TEXT_PRESET, SD15Spec, unet_naming
 from .unet import UNET_PRESETS, UNet2DConditionModel
 from .unet_motion import UNetMotionModel
 from .vae import VAE_PRESETS, AutoencoderKL
@@ -200,7 +201,7 @@ class AnimateDiffSpec(SD15Spec):
             spatial = UNet2DConditionModel(UNET_PRESETS[preset])
         if base.empty:  # the random tiny base: the same 2D weights as `--backbone sd15 --preset tiny`
             spatial.to_empty(device=device)
-            _random_init(spatial, 10)
+            random_init(spatial, 10)
         else:
             ck.load("unet", self._sources(base, "unet"), spatial, dtype=dtype, device=device)
         state = {k: v.to(device=device, dtype=dtype) for k, v in spatial.state_dict().items()}
@@ -228,9 +229,9 @@ class AnimateDiffSpec(SD15Spec):
             adapter = MotionAdapter(cfg)
         adapter.to_empty(device=device)
         if random:
-            _random_init(adapter, 13)
+            random_init(adapter, 13)
         else:
-            with _seeded_default():
+            with seeded(14):
                 adapter.init_weights(zero_init_proj_out=True)
         return {k: v.to(dtype) for k, v in adapter.state_dict().items() if not k.endswith(".pe")}
 
@@ -348,13 +349,6 @@ class AnimateDiffSpec(SD15Spec):
                             for i in range(0, len(z), DECODE_CHUNK)])  # [B*F, 3, H, W]
         video = frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
         return video.clamp(-1, 1)
-
-
-@contextlib.contextmanager
-def _seeded_default():  # noqa: ANN202
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(14)
-        yield
 
 
 __all__ = ["AnimateDiffSpec", "AnimateDiffObjectiveConfig", "MOTION_LORA_TARGETS", "MOTION_PARAMETERS",

@@ -20,7 +20,7 @@ import functools
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ from ..objectives import ddpm
 from ..objectives.ddpm_samplers import DDIM_PRESETS, cfg_model, make_sampler
 from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Condition, MediaRules, SampleOption,
                     SampleRequest, Sources)
+from ..loading import random_init
 from . import checkpoint as ck
 from .unet import UNET_PRESETS, UNet2DConditionModel
 from .unet_ldm_keymap import unet_to_ldm
@@ -58,22 +59,6 @@ def unet_naming(preset: str) -> LoRANaming:
         _NAMINGS[preset] = dataclasses.replace(
             UNET_NAMING, alias=functools.partial(unet_to_ldm, config=UNET_PRESETS[preset]))
     return _NAMINGS[preset]
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _random_init(module: nn.Module, seed: int) -> nn.Module:
-    """Deterministic random weights, the same in every process."""
-    with _seeded(seed), torch.no_grad():
-        for m in module.modules():
-            if hasattr(m, "reset_parameters") and m is not module:
-                m.reset_parameters()
-    return module
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -196,7 +181,7 @@ class SD15Spec(BackboneSpec):
             part_dtype = torch.float32 if part == "vae" else dtype
             if sources.empty:
                 module.to_empty(device=device)
-                _random_init(module, seed)
+                random_init(module, seed)
                 module.to(part_dtype)
             else:
                 ck.load(part, self._sources(sources, part), module, dtype=part_dtype, device=device)

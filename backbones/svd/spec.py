@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from lora_core.inject import lora_layers
 
 from ..encoders.clip_vision import (CLIP_VISION_PRESETS, CLIPVisionConfig, CLIPVisionModelWithProjection,
                                     clip_vision_file_key, encode_image)
-from ..loading import expected_shapes, load_safetensors_into, safetensors_shapes, validate
+from ..loading import expected_shapes, load_safetensors_into, random_init, safetensors_shapes, validate
 from ..objectives import edm
 from ..objectives.edm_samplers import (SVD_FPS, SVD_MAX_GUIDANCE, SVD_MIN_GUIDANCE, SVD_MOTION_BUCKET_ID,
                                        SVD_NOISE_AUG_STRENGTH, SVDEulerSampler, added_time_ids, sample_svd)
@@ -86,27 +85,6 @@ class SVDObjectiveConfig(edm.EDMObjectiveConfig):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"objective.{key}={v!r} must be an integer >= 1 (SVD: fps 7, motion bucket 127)")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _random_init(module: nn.Module, seed: int) -> nn.Module:
-    """Deterministic random weights: each layer's own init, and N(0, 0.2) for the parameters of modules without
-    one (Framer's mask_token, the AlphaBlenders' mix_factor, CLIP's class_embedding), which `to_empty` leaves as
-    whatever the memory held."""
-    with _seeded(seed), torch.no_grad():
-        for m in module.modules():
-            if m is not module and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-            else:
-                for p in m.parameters(recurse=False):
-                    p.normal_(0, 0.2)
-    return module
 
 
 def _content_seed(x: torch.Tensor) -> int:
@@ -280,7 +258,7 @@ class SVDSpec(BackboneSpec):
             part_dtype = torch.float32 if part == "vae" else dtype  # the VAE decodes in fp32 (force_upcast)
             if files is None:
                 module.to_empty(device=device)
-                _random_init(module, _SEEDS[part])
+                random_init(module, _SEEDS[part])
                 module.to(part_dtype)
             else:
                 locate, rename = files[part]

@@ -23,6 +23,9 @@ def _entry(rank: int, world: int, port: int, body: Callable[..., None], args: tu
     from lora_core import distributed as parallel
     try:
         body(rank, world, *args)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()  # nobody tears the group down while a peer is still in a collective (a gloo abort)
     finally:
         parallel.shutdown()
 
