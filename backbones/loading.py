@@ -155,3 +155,17 @@ def random_init(module: nn.Module, seed: int) -> nn.Module:
                 for p in m.parameters(recurse=False):
                     p.normal_(0, 0.2)
     return module
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device, offload: bool) -> Iterator[None]:
+    """Run a component on `device` inside; with offload, move it back to where it was afterwards."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        if offload and home != device:
+            module.to(home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -40,6 +40,7 @@ from lora_core.formats import KeyMap, LoRANaming
 
 from ..encoders.spm_tokenizer import T5SpmTokenizer, save_tiny_t5_tokenizer
 from ..encoders.t5 import T5_V11_PRESETS, T5V11Encoder, encode_prompts_t5, load_t5_v11
+from ..loading import on_device
 from ..objectives import ddpm
 from ..spec import (
     BackboneSpec,
@@ -393,7 +394,7 @@ class CogVideoXSpec(BackboneSpec):
         tiling = request.extras.get("vae_tiling")
         tiling = preset not in TINY_PRESETS if tiling is None else bool(tiling)
         tdt = next(tr.parameters()).dtype
-        with _on(enc, device, offload):
+        with on_device(enc, device, offload):
             context = encode_prompts_t5(enc, tok, list(request.prompts), device=device)
             if guidance > 1.0:  # the pipeline's order: [negative; positive]
                 neg = encode_prompts_t5(enc, tok, [request.negative_prompt or ""] * b, device=device)
@@ -402,7 +403,7 @@ class CogVideoXSpec(BackboneSpec):
         gen = torch.Generator().manual_seed(request.seed)
         cond = None
         if i2v:  # the pipeline's order: the image posterior draw, then the starting noise, on one generator
-            with _on(vae, device, offload):
+            with on_device(vae, device, offload):
                 mean, logvar = vae.encode(image[None, :, None].to(device))  # [1, C, 1, h, w]
             z = sample_latent(mean.float(), logvar.float(), gen) * SCALING_FACTOR[preset]
         latents = initial_latents(b, request.frames, request.height, request.width, gen, device=device)
@@ -417,11 +418,11 @@ class CogVideoXSpec(BackboneSpec):
             x = x.to(tdt) if cond is None else torch.cat([x.to(tdt), cond], dim=2)
             return tr(x, context, t).float()
 
-        with _on(tr, device, offload), amp:
+        with on_device(tr, device, offload), amp:
             latents = sample_cogvideox(model_fn, latents, sampler, request.steps, guidance, dynamic, gen,
                                        progress=progress)
         z = latents.permute(0, 2, 1, 3, 4) / SCALING_FACTOR[preset]  # [B, C, f, h, w]
-        with _on(vae, device, offload):
+        with on_device(vae, device, offload):
             if tiling:
                 vae.enable_tiling()
                 vae.enable_slicing()
@@ -467,18 +468,3 @@ def _flag(text: str | bool) -> bool:
 def _dumps(obj: Any) -> str:
     import json
     return json.dumps(obj, indent=2) + "\n"
-
-
-@contextlib.contextmanager
-def _on(module: nn.Module, device: torch.device, offload: bool) -> Iterator[None]:
-    """Run a component on `device`; with offload, move it back to where it was afterwards."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield
-    finally:
-        if offload and home != device:
-            module.to(home)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-

@@ -136,6 +136,22 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 }
 
 
+def block_units(blocks: list[nn.Module], mid: nn.Module) -> list[nn.Module]:
+    """The resnets and attentions of a UNet's blocks in forward order: per layer resnet then its attention; the mid
+    block's first resnet, then (attention, resnet) pairs. Shared by the SD and SVD UNets."""
+    out: list[nn.Module] = []
+    for block in blocks:
+        resnets = list(block.resnets)
+        attentions = list(getattr(block, "attentions", []))
+        if block is mid:
+            out.append(resnets.pop(0))
+            out += [m for pair in zip(attentions, resnets) for m in pair]
+        else:
+            for j, resnet in enumerate(resnets):
+                out += [resnet] + attentions[j:j + 1]
+    return out
+
+
 class UNet2DConditionModel(nn.Module):
     """ε-prediction UNet. Build on the meta device, then load the diffusers state dict with `strict=True`."""
 
@@ -178,16 +194,7 @@ class UNet2DConditionModel(nn.Module):
         (`lora_core.distributed.parallelize`); none contains another. What they leave to the root (conv_in,
         time embedding, resamplers, conv_norm_out/conv_out) is small and runs once per level.
         """
-        out: list[nn.Module] = []
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            resnets = list(block.resnets)
-            attentions = list(getattr(block, "attentions", []))
-            if isinstance(block, UNetMidBlock2DCrossAttn):  # resnet first, then (attention, resnet) pairs
-                out.append(resnets.pop(0))
-                out += [m for pair in zip(attentions, resnets) for m in pair]
-            else:
-                for j, resnet in enumerate(resnets):
-                    out += [resnet] + attentions[j:j + 1]
+        out = block_units([*self.down_blocks, self.mid_block, *self.up_blocks], self.mid_block)
         assert all(isinstance(m, (ResnetBlock2D, Transformer2DModel)) for m in out)
         return out
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from backbones.sd.unet import block_units
 from backbones.sd.unet_blocks import (Attention, BasicTransformerBlock, Downsample2D, FeedForward, ResnetBlock2D,
                                       TimestepEmbedding, Timesteps, Upsample2D)
 
@@ -538,16 +539,7 @@ class UNetSpatioTemporalConditionModel(nn.Module):
         What activation checkpointing recomputes and FSDP2 shards one by one; none contains another. The root keeps
         conv_in, the time embeddings, the resamplers and the output head.
         """
-        out: list[nn.Module] = []
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            resnets = list(block.resnets)
-            attentions = list(getattr(block, "attentions", []))
-            if isinstance(block, UNetMidBlockSpatioTemporal):  # resnet first, then (attention, resnet) pairs
-                out.append(resnets.pop(0))
-                out += [m for pair in zip(attentions, resnets) for m in pair]
-            else:
-                for j, resnet in enumerate(resnets):
-                    out += [resnet] + attentions[j:j + 1]
+        out = block_units([*self.down_blocks, self.mid_block, *self.up_blocks], self.mid_block)
         assert all(isinstance(m, (SpatioTemporalResBlock, TransformerSpatioTemporalModel)) for m in out)
         return out
 

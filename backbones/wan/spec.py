@@ -21,8 +21,8 @@ import torch.nn as nn
 from lora_core.formats import KeyMap, LoRANaming
 
 from ..objectives import flow
-from ..loading import (load_pth, load_safetensors_into, load_state_dict_into, safetensors_shapes,
-                       sharded_safetensors, validate, expected_shapes)
+from ..loading import (expected_shapes, load_pth, load_safetensors_into, load_state_dict_into, on_device,
+                       safetensors_shapes, sharded_safetensors, validate)
 from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Condition, MediaRules, SampleOption,
                     SampleRequest, Sources)
 from .dit import DIT_PRESETS, WanDiT
@@ -357,7 +357,7 @@ class WanTI2VSpec(BackboneSpec):
             raise ValueError(f"sampler {sampler!r} is not one of 'unipc', 'euler'")
         device = torch.device(device)
         b = len(prompts)
-        with _on(comps["text_encoder"], device, offload):
+        with on_device(comps["text_encoder"], device, offload):
             context = self.pad_context([e["context"] for e in self.encode_text(comps, prompts)], device)
             uncond = None
             if guidance != 1.0:
@@ -370,7 +370,7 @@ class WanTI2VSpec(BackboneSpec):
         condition, mask = None, None
         image = request.images.get("image")
         if image is not None:
-            with _on(vae, device, offload):
+            with on_device(vae, device, offload):
                 z_first = self.encode_video(comps, image[None, :, None].expand(b, -1, -1, -1, -1).to(device))
             mask = flow.first_frame_mask(b, *shape[2:], torch.ones(b, dtype=torch.bool, device=device))
             condition = (z_first, mask)
@@ -385,24 +385,10 @@ class WanTI2VSpec(BackboneSpec):
             model_fn = flow.cfg_model(model_fn, flow.with_token_timesteps(token_fn(uncond), mask, self.patch),
                                       guidance)
         solver = flow.FlowUniPCSampler(shift=shift) if sampler == "unipc" else flow.FlowEulerSampler(shift=shift)
-        with _on(dit, device, offload), amp:
+        with on_device(dit, device, offload), amp:
             latents = solver.sample(model_fn, noise, steps=request.steps, condition=condition, progress=progress)
-        with _on(vae, device, offload):
+        with on_device(vae, device, offload):
             return vae.decode(latents.to(next(vae.parameters()).dtype)).float()
-
-
-@contextlib.contextmanager
-def _on(module: nn.Module, device: torch.device, offload: bool) -> Iterator[None]:
-    """Move a component to `device` for the block; with offload, back to the CPU afterwards."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield
-    finally:
-        if offload and home != device:
-            module.to(home)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
 
 def _try(fn: Any, name: str) -> str | None:
