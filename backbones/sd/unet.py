@@ -26,6 +26,20 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
+def check_block_types(cfg: Any, down_allowed: tuple[str, ...], up_allowed: tuple[str, ...]) -> None:
+    """One down and one up block type per entry of `cfg.block_out_channels`, each of the allowed ones; ValueError
+    naming the config class and the field otherwise (the SD and SVD UNet configs)."""
+    owner, n = type(cfg).__name__, len(cfg.block_out_channels)
+    if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
+        raise ValueError(f"{owner} has {len(cfg.down_block_types)} down_block_types and "
+                         f"{len(cfg.up_block_types)} up_block_types for {n} block_out_channels "
+                         f"{cfg.block_out_channels}; give one of each per level")
+    for name, allowed in (("down_block_types", down_allowed), ("up_block_types", up_allowed)):
+        bad = [t for t in getattr(cfg, name) if t not in allowed]
+        if bad:
+            raise ValueError(f"{owner}.{name} has {bad[0]!r}; expected one of {allowed}")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The diffusers config keys this UNet reads, under their names (`from_diffusers` takes a config.json).
@@ -57,14 +71,7 @@ class UNetConfig:
         if not isinstance(self.attention_head_dim, int):
             object.__setattr__(self, "attention_head_dim", tuple(int(h) for h in self.attention_head_dim))
         n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"UNetConfig has {len(self.down_block_types)} down_block_types and "
-                             f"{len(self.up_block_types)} up_block_types for {n} block_out_channels "
-                             f"{self.block_out_channels}; give one of each per level")
-        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            bad = [t for t in getattr(self, name) if t not in allowed]
-            if bad:
-                raise ValueError(f"UNetConfig.{name} has {bad[0]!r}; expected one of {allowed}")
+        check_block_types(self, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
         if len(self.num_attention_heads) != n:
             raise ValueError(f"UNetConfig.attention_head_dim={self.attention_head_dim} gives head counts for "
                              f"{len(self.num_attention_heads)} levels; expected one int or {n} entries")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from backbones.sd.unet import block_units
+from backbones.sd.unet import block_units, check_block_types
 from backbones.sd.unet_blocks import (Attention, BasicTransformerBlock, Downsample2D, FeedForward, ResnetBlock2D,
                                       TimestepEmbedding, Timesteps, Upsample2D)
 
@@ -417,14 +417,7 @@ class UNetSpatioTemporalConfig:
         n = len(self.block_out_channels)
         heads = self.num_attention_heads
         object.__setattr__(self, "num_attention_heads", (heads,) * n if isinstance(heads, int) else tuple(heads))
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"UNetSpatioTemporalConfig has {len(self.down_block_types)} down_block_types and "
-                             f"{len(self.up_block_types)} up_block_types for {n} block_out_channels "
-                             f"{self.block_out_channels}; give one of each per level")
-        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            bad = [t for t in getattr(self, name) if t not in allowed]
-            if bad:
-                raise ValueError(f"UNetSpatioTemporalConfig.{name} has {bad[0]!r}; expected one of {allowed}")
+        check_block_types(self, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
         if len(self.num_attention_heads) != n:
             raise ValueError(f"UNetSpatioTemporalConfig.num_attention_heads={heads} has "
                              f"{len(self.num_attention_heads)} entries; expected one int or {n} (one per level)")
