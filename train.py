@@ -19,6 +19,7 @@ import math
 import signal
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,13 @@ from lora_core import distributed as parallel
 from lora_core import fused
 from lora_core.cache import FeatureCache, build_media_cache, build_text_cache, media_keys, path_identity
 from lora_core.data import GlobalBatches, VideoDataset, load_dataset, resolve_data_config
-from lora_core.data.sample_data import make_sample_dataset, make_sample_images
+from lora_core.data.sample_data import make_sample_dataset, make_sample_images, make_sample_pairs
 from lora_core.formats import load_lora, save_lora
 from lora_core.runtime import checkpoint as ckpt
 from lora_core.runtime import run_folder
 from lora_core.runtime.batch import BatchReader, DropRule, FieldSource, dropout_seed
 from lora_core.runtime.config import Config, load_config, save_config, to_dict
+from lora_core.runtime.loss_scale import LossScaler
 from lora_core.runtime.optim import build_optimizer, build_scheduler
 from lora_core.runtime.trainable import (TrainPlan, apply_plan, load_trainable_state, param_groups, plan_training,
                                          trainable_parameters, trainable_state)
@@ -137,8 +139,13 @@ def prepare_dataset(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) ->
     if not cfg.data.path:
         folder = Path(cfg.train.output) / "sample_data"
         if info.is_main:
-            images = spec.media_rules(cfg.model.preset).kind == "image"
-            (make_sample_images if images else make_sample_dataset)(folder)
+            rules = spec.media_rules(cfg.model.preset)
+            if rules.kind == "image":
+                make_sample_images(folder)
+            elif spec.embedded_sample == "pairs":
+                make_sample_pairs(folder, frames=rules.default_frames)
+            else:
+                make_sample_dataset(folder)
             log.info("no --data given: training on the embedded sample dataset in %s", folder)
         parallel.barrier(info)
         cfg.data.path = str(folder)
@@ -234,6 +241,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     names: list[str]                  # '<component>/<parameter>' of every trained tensor
+    frozen: dict[str, nn.Module] = dataclasses.field(default_factory=dict)  # called by the objective, not trained
 
 
 def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Trainer:
@@ -290,10 +298,21 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
         p = plans[name]
         how = f"LoRA rank {p.rank}, alpha {p.alpha:g}" if p.mode == "lora" else p.mode
         log.info("%s: %s, %s trainable parameters", name, how, f"{n:,}")
+    # frozen components the objective calls (Framer's ControlNet with objective.controlnet): a full copy on every
+    # rank, no gradients, so nothing to wrap or shard
+    extra = sorted(spec.frozen_in_training(preset, cfg.objective, trained_set(cfg, spec)) - set(names))
+    frozen: dict[str, nn.Module] = {}
+    if extra:
+        built = spec.build(preset, set(extra), sources_of(cfg), device=device, dtype=dtype)
+        for name in extra:
+            frozen[name] = built[name].eval().requires_grad_(False)
+            wrapped[name] = frozen[name]
+            log.info("%s: frozen, called by the objective", name)
     container = nn.ModuleDict(models)
     optimizer = build_optimizer(param_groups(models, plans, cfg.optim.lr), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    return Trainer(models, wrapped, plans, container, optimizer, scheduler, list(trainable_parameters(models)))
+    return Trainer(models, wrapped, plans, container, optimizer, scheduler, list(trainable_parameters(models)),
+                   frozen)
 
 
 def gathered(trainer: Trainer, writeback: bool = False) -> contextlib.ExitStack:
@@ -405,7 +424,8 @@ class Metrics:
 class Validator:
     """Samples with the current weights; the encoders and decoders are built once and kept."""
 
-    def __init__(self, cfg: Config, spec: BackboneSpec, trainer: Trainer, device: torch.device) -> None:
+    def __init__(self, cfg: Config, spec: BackboneSpec, trainer: Trainer, device: torch.device,
+                 dataset: VideoDataset | None = None) -> None:
         self.cfg, self.spec, self.trainer, self.device = cfg, spec, trainer, device
         self.comps: Components | None = None
         v = cfg.validation
@@ -415,16 +435,35 @@ class Validator:
                              f"{', '.join(spec.image_inputs(cfg.model.preset)) or '(none)'}")
         from lora_core.data import load_image
         self.images = {k: load_image(p, v.height, v.width) for k, p in v.images.items()}
+        if not self.images and dataset is not None:  # none given: the backbone's inputs from the first sample
+            self.images = self.sample_images(cfg, spec, dataset)
+
+    @staticmethod
+    def sample_images(cfg: Config, spec: BackboneSpec, dataset: VideoDataset) -> dict[str, torch.Tensor]:
+        v = cfg.validation
+        wanted = spec.image_inputs(cfg.model.preset)
+        if not wanted:
+            return {}
+        item = dataset[0]
+        images = spec.images_from_sample(cfg.model.preset, item["video"])
+        if images:
+            import torch.nn.functional as tf
+            images = {k: tf.interpolate(x[None].float(), size=(v.height, v.width), mode="bilinear",
+                                        antialias=True, align_corners=False)[0].clamp(-1, 1)
+                      for k, x in images.items()}
+            log.info("validation: %s from %s (set validation.images to choose)", ", ".join(images),
+                     dataset.samples[item["index"]].path)
+        return images
 
     def __call__(self, out: Path, step: int) -> None:
         from lora_core.data.video_io import write_video
         cfg, spec, v = self.cfg, self.spec, self.cfg.validation
         preset = cfg.model.preset
         if self.comps is None:
-            parts = set(spec.components(preset)) - set(self.trainer.models)
+            parts = set(spec.components(preset)) - set(self.trainer.models) - set(self.trainer.frozen)
             self.comps = spec.build(preset, parts, sources_of(cfg), device=self.device,
                                     dtype=model_dtype(cfg, self.device))
-        comps = {**self.comps, **self.trainer.models}
+        comps = {**self.comps, **self.trainer.frozen, **self.trainer.models}
         was = {n: m.training for n, m in self.trainer.models.items()}
         for m in self.trainer.models.values():
             m.eval()
@@ -520,7 +559,7 @@ def claim_output(cfg: Config, spec: BackboneSpec, args: argparse.Namespace, info
     return run
 
 
-def resume(trainer: Trainer, run: Run, cfg: Config) -> int:
+def resume(trainer: Trainer, run: Run, cfg: Config, scaler: LossScaler | None = None) -> int:
     """Trained tensors, optimizer state, schedule and RNG of the checkpoint; returns its step (0: fresh run)."""
     if run.resume_from is None or run.state is None:
         return 0
@@ -535,6 +574,8 @@ def resume(trainer: Trainer, run: Run, cfg: Config) -> int:
         group.pop("initial_lr", None)
     trainer.scheduler = build_scheduler(trainer.optimizer, cfg.optim, cfg.train.max_steps, last_step=start)
     ckpt.set_rng_state(ckpt.load_tensors(src / RNG_FILE))
+    if scaler is not None and scaler.enabled and "loss_scale" in run.state:
+        scaler.load_state_dict(run.state["loss_scale"])
     log.info("resumed from %s at step %d", src, start)
     return start
 
@@ -550,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     run = claim_output(cfg, spec, args, info)                # 1. user input checked, output folder claimed
     try:
         dataset = prepare_dataset(cfg, spec, info)           # 2. media scanned and probed
+        spec.check_dataset(cfg.model.preset, dataset, trained_set(cfg, spec), cfg.objective)
         if info.is_main:
             run.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run.out / "config.yaml")
@@ -558,9 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("cache ready in %s", cached.cache.dir)
             return 0
         trainer = build_models(cfg, spec, info)              # 4. trained components, parallelized; optimizer
-        validate = Validator(cfg, spec, trainer, info.device) if cfg.validation.every else None
-        start = resume(trainer, run, cfg)                    # 5. a checkpoint's state
-        rc = train_loop(cfg, spec, trainer, dataset, cached, info, run.out, start, validate)   # 6. the loop
+        validate = Validator(cfg, spec, trainer, info.device, dataset) if cfg.validation.every else None
+        scaler = LossScaler(autocast_dtype(cfg, info.device) == torch.float16)   # fp16: dynamic loss scaling
+        start = resume(trainer, run, cfg, scaler)            # 5. a checkpoint's state
+        rc = train_loop(cfg, spec, trainer, dataset, cached, info, run.out, start, validate, scaler)   # 6. the loop
         if rc:
             return rc
         with gathered(trainer):                              # 7. the artifacts (FSDP2: gathered, rank 0 writes)
@@ -574,10 +617,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: VideoDataset, cached: Cached,
-               info: parallel.DistInfo, out: Path, start: int, validate: Validator | None) -> int:
+               info: parallel.DistInfo, out: Path, start: int, validate: Validator | None,
+               scaler: LossScaler | None = None) -> int:
     device, preset = info.device, cfg.model.preset
     usable = cached.usable
-    batches = GlobalBatches([dataset.buckets[i] for i in usable], cfg.train.batch_size * info.dp_size,
+    batches = GlobalBatches([dataset.batch_buckets[i] for i in usable], cfg.train.batch_size * info.dp_size,
                             cfg.train.seed, repeats=cfg.data.repeats)
     lo = info.dp_rank * cfg.train.batch_size
     mine = list(range(lo, lo + cfg.train.batch_size))
@@ -594,6 +638,7 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                          meta=lambda i: dataset.meta(i), seed=cfg.train.seed,
                          describe=lambda i: str(dataset.samples[i].path), prefetch=cfg.train.prefetch)
     amp = autocast_dtype(cfg, device)
+    scaler = scaler or LossScaler(False)
     metrics = Metrics(out, start, enabled=info.is_main)
     params = list(trainable_parameters(trainer.models).values())
 
@@ -607,7 +652,8 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                     out / "checkpoints", step,
                     files={TRAINABLE_FILE: lambda p: ckpt.save_tensors(sd, p), OPTIMIZER_FILE: optim_state,
                            RNG_FILE: ckpt.rng_state()},
-                    state={"step": step, "config": to_dict(cfg),
+                    state={"step": step, "config": to_dict(cfg), **({"loss_scale": scaler.state_dict()}
+                                                                      if scaler.enabled else {}),
                            "data": {"micro_steps": step * cfg.train.grad_accum,
                                     "global_batch": cfg.train.batch_size * info.dp_size,
                                     "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed}},
@@ -639,7 +685,7 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                             torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
                             parallel.maybe_offload_activations(cfg.train.offload_activations):
                         loss = spec.training_loss(trainer.wrapped, batch, cfg.objective)
-                        (loss / cfg.train.grad_accum).backward()
+                        scaler.scale(loss / cfg.train.grad_accum).backward()
                     total += loss.detach() / cfg.train.grad_accum
                 loss_val = float(parallel.all_reduce_mean(total, info))
                 if not math.isfinite(loss_val):
@@ -649,15 +695,28 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                                                  "or set train.skip_nonfinite=true to skip such steps")
                     log.warning("step %d: non-finite loss %s, step skipped", step + 1, loss_val)
                     continue
-                grad_norm = parallel.clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 shards too
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad(set_to_none=True)
+                scaler.unscale_(params)
+                if scaler.enabled:  # the global norm decides overflow alike on every rank; clip only after
+                    grad_norm = parallel.clip_grad_norm(params, 0.0)
+                    stepped = scaler.update(grad_norm)
+                    if stepped and cfg.optim.grad_clip > 0:
+                        parallel.clip_grad_norm(params, cfg.optim.grad_clip)
+                else:
+                    grad_norm = parallel.clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 shards too
+                    stepped = True
                 lr = trainer.scheduler.get_last_lr()[0]
-                trainer.scheduler.step()
+                if stepped:
+                    trainer.optimizer.step()
+                    trainer.scheduler.step()
+                else:
+                    log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", step + 1,
+                                scaler.scale_value)
+                trainer.optimizer.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
                 record = {"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "s_per_step": dt,
                           "samples_per_s": cfg.train.batch_size * info.dp_size * cfg.train.grad_accum / dt,
-                          "peak_mem_gb": peak_memory_gb(device)}
+                          "peak_mem_gb": peak_memory_gb(device),
+                          **({"loss_scale": scaler.scale_value} if scaler.enabled else {})}
                 metrics.write(record)
                 if info.is_main:
                     bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")

@@ -152,6 +152,7 @@ class BackboneSpec:
     lora_file_metadata: dict[str, str] = {}       # extra metadata in every LoRA file (e.g. kohya network module)
     lora_backbones: tuple[str, ...] = ()          # other backbones whose LoRA files apply (AnimateDiff: sd15)
     video_suffix: str = ".mp4"                    # validation samples and infer.py's default output of videos
+    embedded_sample: str = "clips"                # what train.py makes without --data: "clips" or "pairs"
 
     @property
     def accepted_lora_backbones(self) -> tuple[str, ...]:
@@ -198,6 +199,11 @@ class BackboneSpec:
     def default_steps(self, preset: str) -> int:
         return 50
 
+    def images_from_sample(self, preset: str, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The `image_inputs` taken from a training sample's known frames (video [3, K, H, W] in [-1, 1]), for
+        validation when validation.images is not set; {} when a sample cannot supply them."""
+        return {}
+
     def default_guidance(self, preset: str) -> float:
         return 5.0
 
@@ -213,6 +219,16 @@ class BackboneSpec:
     def encoder_parts(self, preset: str, keyed_by: str, trained: frozenset[str] = frozenset()) -> set[str]:
         """Components `encode_media` ("media") or `encode_text` ("text") needs."""
         return set()
+
+    def frozen_in_training(self, preset: str, objective: Any, trained: frozenset[str]) -> set[str]:
+        """Frozen components the objective calls in training besides the trained ones (built once, never
+        wrapped for gradients, passed to `training_loss` with the others); e.g. Framer's ControlNet when
+        `objective.controlnet` is on."""
+        return set()
+
+    def check_dataset(self, preset: str, dataset: Any, trained: frozenset[str], objective: Any) -> None:
+        """Refuse (ValueError naming the value or file) a dataset this run cannot train on, before any model is
+        loaded; `dataset` is the probed `VideoDataset` (its `meta(i)` per sample)."""
 
     # ---- building and loading
     def check_sources(self, preset: str, sources: Sources, parts: set[str]) -> None:

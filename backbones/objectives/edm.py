@@ -216,12 +216,23 @@ def training_inputs(x0: torch.Tensor, cfg: EDMObjectiveConfig, generators: list[
     return EDMTrainingInputs(x_noisy, sigma, model_input, c_noise, x0, loss_weights(sigma, cfg), noise)
 
 
-def edm_loss(model_output: torch.Tensor, inputs: EDMTrainingInputs, cfg: EDMObjectiveConfig) -> torch.Tensor:
+def edm_loss(model_output: torch.Tensor, inputs: EDMTrainingInputs, cfg: EDMObjectiveConfig,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar fp32 λ-weighted denoising loss (svd-framer.md §4.3): D = denoised(F, x_σ, σ); per sample the mean
     of (D − x0)² over all non-batch elements, times λ(σ_i), then the mean over the batch:
-        loss = (1/B)·Σ_i λ(σ_i)·mean_j (D_ij − x0_ij)²."""
+        loss = (1/B)·Σ_i λ(σ_i)·mean_j (D_ij − x0_ij)².
+    `mask` ([B, F] or any leading shape of the output, 1 = known): the per-sample mean runs over the known elements
+    only, so elements without ground truth (the middle frames of an image pair) get no loss and no gradient."""
     d = denoised(model_output, inputs.x_noisy, inputs.sigma, cfg.sigma_data)
-    return weighted_mse(d, inputs.target, inputs.weights)
+    if mask is None:
+        return weighted_mse(d, inputs.target, inputs.weights)
+    if mask.shape != d.shape[:mask.ndim] or mask.ndim < 2:
+        raise ValueError(f"mask {tuple(mask.shape)} must be a leading part [B, F, ...] of the output shape "
+                         f"{tuple(d.shape)}")
+    m = mask.to(d.device, torch.float32).reshape(*mask.shape, *([1] * (d.ndim - mask.ndim))).expand_as(d)
+    sq = (d - inputs.target.float()).square() * m
+    per_sample = sq.flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+    return (per_sample * inputs.weights.to(per_sample)).mean()
 
 
 def edm_training_loss(model_fn: EDMModelFn, x0: torch.Tensor, cfg: EDMObjectiveConfig,

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones.sd.unet_blocks import TimestepEmbedding, Timesteps
+from backbones.sd.unet import block_units
 from backbones.svd.unet import (AlphaBlender, CrossAttnDownBlockSpatioTemporal, DownBlockSpatioTemporal,
                                 UNetMidBlockSpatioTemporal, UNetSpatioTemporalConditionModel,
                                 UNetSpatioTemporalConfig)
@@ -194,6 +195,11 @@ class ControlNetSVDModel(nn.Module):
         for conv in [self.controlnet_cond_embedding.conv_out, *self.controlnet_down_blocks, self.controlnet_mid_block]:
             conv.weight.zero_()
             conv.bias.zero_()
+
+    def units(self) -> list[nn.Module]:
+        """The down path's and mid block's SpatioTemporalResBlock / TransformerSpatioTemporalModel modules in forward
+        order (activation checkpointing and FSDP2 units, as the UNet's)."""
+        return block_units([*self.down_blocks, self.mid_block], self.mid_block)
 
     # -- forward -------------------------------------------------------------------------------------
     def _check_cond(self, sample: torch.Tensor, controlnet_cond: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,12 @@ from ..encoders.clip_vision import (CLIP_VISION_PRESETS, CLIPVisionConfig, CLIPV
 from ..loading import expected_shapes, load_safetensors_into, random_init, safetensors_shapes, validate
 from ..objectives import edm
 from ..objectives.edm_samplers import (SVD_FPS, SVD_MAX_GUIDANCE, SVD_MIN_GUIDANCE, SVD_MOTION_BUCKET_ID,
-                                       SVD_NOISE_AUG_STRENGTH, SVDEulerSampler, added_time_ids, sample_svd)
+                                       SVD_NOISE_AUG_STRENGTH, SVD_SAMPLERS, added_time_ids, sample_svd, svd_sampler)
 from ..spec import (BackboneSpec, Batch, CacheField, Component, Components, Condition, MediaRules, SampleOption,
                     SampleRequest, Sources)
 from .controlnet import CONTROLNET_PRESETS, ControlNetSVDModel
 from .tracks import load_tracks, render_heatmaps
-from .unet import UNET_PRESETS, UNetSpatioTemporalConditionModel, UNetSpatioTemporalConfig
+from .unet import UNET_PRESETS, UNetSpatioTemporalConditionModel, UNetSpatioTemporalConfig, set_temporal_context_layout
 from .vae import VAE_PRESETS, AutoencoderKLTemporalDecoder, TemporalDecoderVAEConfig
 
 SCALE = 0.18215
@@ -67,6 +68,11 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # SVD_Xtend's LoRA
 TURBO_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 UNET_NAMING = LoRANaming(prefixes={"native": "", "diffusers": "unet.", "kohya": "lora_unet_",
                                    "peft": "base_model.model."}, key_map=KeyMap.identity(prefix="unet."))
+# Framer's ControlNet beside the UNet in one file: its own prefix in every format
+CONTROLNET_NAMING = LoRANaming(prefixes={"native": "controlnet.", "diffusers": "controlnet.",
+                                         "kohya": "lora_controlnet_"},
+                               key_map=KeyMap.identity(prefix="controlnet."))
+TRACKS_SIDECAR = "tracks.json"   # <clip>.tracks.json beside <clip>.mp4, <id>.tracks.json beside an image pair
 _SEEDS = {"unet": 30, "vae": 31, "image_encoder": 32, "controlnet": 33}
 # the tiny presets: the UNet's context width is the tiny CLIP's projection width
 TINY_CLIP = dataclasses.replace(CLIP_VISION_PRESETS["tiny"], projection_dim=UNET_PRESETS["tiny"].cross_attention_dim)
@@ -74,10 +80,16 @@ TINY_CLIP = dataclasses.replace(CLIP_VISION_PRESETS["tiny"], projection_dim=UNET
 
 @dataclass
 class SVDObjectiveConfig(edm.EDMObjectiveConfig):
-    """`objective.*`: EDM plus the conditioning ids training feeds (as inference will: fps − 1 is passed)."""
+    """`objective.*`: EDM plus the conditioning ids training feeds, as inference will (the UNet gets fps − 1).
+
+    Per sample, in this order: a metadata column (`fps`, `motion_bucket_id` in metadata.json/jsonl/CSV); else,
+    when asked, a value from the clip (`fps_from_clip`: the rate of the sampled frames, rounded;
+    `estimate_motion`: `estimate_motion_bucket` of the clip); else `fps` / `motion_bucket_id` here."""
 
     fps: int = SVD_FPS
     motion_bucket_id: int = SVD_MOTION_BUCKET_ID
+    fps_from_clip: bool = False
+    estimate_motion: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -85,6 +97,43 @@ class SVDObjectiveConfig(edm.EDMObjectiveConfig):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"objective.{key}={v!r} must be an integer >= 1 (SVD: fps 7, motion bucket 127)")
+        for key in ("fps_from_clip", "estimate_motion"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"objective.{key}={getattr(self, key)!r} must be true or false")
+
+
+@dataclass
+class FramerObjectiveConfig(SVDObjectiveConfig):
+    """Framer adds its ControlNet: `controlnet` calls the frozen ControlNet in training on samples with point
+    tracks (a trained ControlNet, `components.controlnet.mode=lora|full`, is always called);
+    `controlnet_scale` scales its residuals, as infer.py's --controlnet-scale."""
+
+    controlnet: bool = False
+    controlnet_scale: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.controlnet, bool):
+            raise ValueError(f"objective.controlnet={self.controlnet!r} must be true or false")
+        v = self.controlnet_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"objective.controlnet_scale={v!r} must be a finite number (1.0: Framer's)")
+
+
+MOTION_REFERENCE = 0.05  # mean |frame difference| (fraction of the pixel range) that estimate_motion_bucket maps to 127
+
+
+def estimate_motion_bucket(video: torch.Tensor) -> float:
+    """A motion-bucket id for a clip [3, F, H, W] in [-1, 1] from its mean absolute frame-to-frame difference
+    (fraction of the pixel range), scaled linearly so MOTION_REFERENCE maps to 127 and clamped to 1..255.
+
+    A heuristic proxy, not SVD's own measure (its buckets come from optical-flow magnitudes over its training
+    set, which this does not compute): it orders clips by motion, but the absolute value is uncalibrated. Give
+    calibrated values as a `motion_bucket_id` metadata column instead."""
+    if video.shape[1] < 2:
+        return float("nan")
+    diff = (video[:, 1:].float() - video[:, :-1].float()).abs().mean().item() / 2.0
+    return float(min(255.0, max(1.0, round(127.0 * diff / MOTION_REFERENCE))))
 
 
 def _content_seed(x: torch.Tensor) -> int:
@@ -131,18 +180,21 @@ class SVDSpec(BackboneSpec):
 
     def media_rules(self, preset: str) -> MediaRules:
         self.check_preset(preset)
+        # start/end image pairs train the frames they know (svd-framer.md §8.2 #9); Framer reads point tracks
+        extra = dict(image_pairs=True, sidecars=(TRACKS_SIDECAR,) if self.framer else ())
         if preset.startswith("tiny"):
             return MediaRules(kind="video", frame_sampling="stride", fps=7.0, frame_stride=4, frame_multiple=1,
                               frame_offset=0, size_multiple=16, default_frames=4, default_height=32,
-                              default_width=32)
+                              default_width=32, **extra)
         frames = UNET_PRESETS[self.unet_preset(preset)].num_frames
         h, w = (320, 512) if self.framer else (576, 1024)
         return MediaRules(kind="video", frame_sampling="stride", fps=7.0, frame_stride=4, frame_multiple=1,
-                          frame_offset=0, size_multiple=64, default_frames=frames, default_height=h, default_width=w)
+                          frame_offset=0, size_multiple=64, default_frames=frames, default_height=h, default_width=w,
+                          **extra)
 
     def cache_fields(self, preset: str, trained: frozenset[str] = frozenset()) -> list[CacheField]:
-        return [CacheField(n, "media") for n in ("latent_mean", "latent_logvar", "cond_latent", "cond_sigma",
-                                                  "clip_embeds")]
+        names = ["latent_mean", "latent_logvar", "frame_mask", "cond_latent", "cond_sigma", "clip_embeds", "motion"]
+        return [CacheField(n, "media") for n in names + (["tracks"] if self.framer else [])]
 
     def conditions(self, preset: str) -> list[Condition]:
         return [Condition("image", fields=("cond_latent", "clip_embeds"), null="zeros")]
@@ -151,7 +203,7 @@ class SVDSpec(BackboneSpec):
         return {"vae", "image_encoder"} if keyed_by == "media" else set()
 
     def objective_config(self, preset: str) -> SVDObjectiveConfig:
-        return SVDObjectiveConfig()
+        return FramerObjectiveConfig() if self.framer else SVDObjectiveConfig()
 
     def preset_overrides(self, preset: str) -> dict[str, Any]:
         common = {"lora.rank": 64 if self.framer else 16, "lora.alpha": 64.0 if self.framer else 16.0,
@@ -172,8 +224,16 @@ class SVDSpec(BackboneSpec):
     def image_inputs(self, preset: str) -> dict[str, str]:
         return {"image": "the conditioning (first) frame"}
 
+    def images_from_sample(self, preset: str, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"image": video[:, 0]}
+        if self.framer:
+            out["image_end"] = video[:, -1]
+        return out
+
     def sample_options(self, preset: str) -> list[SampleOption]:
-        return [SampleOption("min_guidance", float, "guidance of the first frame (default 1.0)"),
+        return [SampleOption("sampler", str, "euler (the pipeline's) or dpm++ (EDM DPM-Solver++, 2nd order; same "
+                             "continuous preconditioning, fewer steps)", choices=SVD_SAMPLERS),
+                SampleOption("min_guidance", float, "guidance of the first frame (default 1.0)"),
                 SampleOption("max_guidance", float, "guidance of the last frame (default 3.0; <= 1 turns CFG off)"),
                 SampleOption("fps", int, "the fps id (default 7; the UNet gets fps - 1)"),
                 SampleOption("motion_bucket_id", int, "motion amount id (default 127)"),
@@ -206,9 +266,12 @@ class SVDSpec(BackboneSpec):
             return out
 
     def _files(self, preset: str, sources: Sources) -> dict[str, tuple[Any, Any]]:
-        """part -> (a function giving its weight files, rename) from the folders."""
+        """part -> (a function giving its weight files, rename) from the folders. A random preset without
+        --ckpt-dir may still take a ControlNet folder (model.sources.controlnet), the rest staying random."""
         root = sources.ckpt_dir
-        assert root is not None
+        if root is None:
+            cn = sources.extra.get("controlnet")
+            return {} if cn is None else {"controlnet": (lambda: _weights(cn, "diffusion_pytorch_model"), None)}
         if not root.is_dir():
             raise FileNotFoundError(f"checkpoint folder {root} does not exist (expected the diffusers folder of "
                                     "stabilityai/stable-video-diffusion-img2vid-xt)")
@@ -216,8 +279,9 @@ class SVDSpec(BackboneSpec):
         files = {"unet": (lambda: _weights(unet_root / "unet", "diffusion_pytorch_model"), None),
                  "vae": (lambda: _weights(root / "vae", "diffusion_pytorch_model"), None),
                  "image_encoder": (lambda: _weights(root / "image_encoder", "model"), clip_vision_file_key)}
-        if self.framer:
-            files["controlnet"] = (lambda: _weights(unet_root / "controlnet", "diffusion_pytorch_model"), None)
+        if self.framer:  # a fine-tuned ControlNet folder (train.py's controlnet/) replaces Framer's own
+            cn_dir = sources.extra.get("controlnet", unet_root / "controlnet")
+            files["controlnet"] = (lambda: _weights(cn_dir, "diffusion_pytorch_model"), None)
         return files
 
     def check_sources(self, preset: str, sources: Sources, parts: set[str]) -> None:
@@ -225,10 +289,12 @@ class SVDSpec(BackboneSpec):
         super().check_sources(preset, sources, parts)
         if sources.empty:
             return
-        if sources.ckpt_dir is None:
+        random_ok = preset in self.random_presets and set(sources.extra) <= {"controlnet"}
+        if sources.ckpt_dir is None and not random_ok:
             raise ValueError(f"backbone {self.name!r} needs --ckpt-dir: the SVD diffusers folder (its VAE and image "
                              "encoder" + (", with model.sources.framer for Framer's UNet)" if self.framer else ")"))
-        if self.framer and "framer" not in sources.extra and "unet" in parts:
+        if self.framer and "framer" not in sources.extra and sources.ckpt_dir is not None and (
+                "unet" in parts or ("controlnet" in parts and "controlnet" not in sources.extra)):
             raise ValueError("backbone 'framer' needs model.sources.framer=/path/to/checkpoints/framer_512x320 "
                              "(its unet/ replaces SVD's); infer.py: --source framer=...")
         files = self._files(preset, sources)
@@ -256,7 +322,7 @@ class SVDSpec(BackboneSpec):
                 continue
             module = metas[part]
             part_dtype = torch.float32 if part == "vae" else dtype  # the VAE decodes in fp32 (force_upcast)
-            if files is None:
+            if files is None or part not in files:
                 module.to_empty(device=device)
                 random_init(module, _SEEDS[part])
                 module.to(part_dtype)
@@ -273,25 +339,95 @@ class SVDSpec(BackboneSpec):
 
     @torch.no_grad()
     def encode_media(self, comps: Components, item: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Per-frame VAE posteriors [F, Z, h, w]; the conditioning latents [N, Z, h, w] = VAE mode of the frame(s)
+        """Per-frame VAE posteriors [F, Z, h, w] (zeros at frames without ground truth: the middle of an image pair)
+        and `frame_mask` [F] (1 = known); the conditioning latents [N, Z, h, w] = VAE mode of the frame(s)
         noise-augmented with σ_cond (one draw per clip, seeded by the frame content), unscaled; σ_cond; CLIP
-        embeddings [N, D] of the clean frame(s)."""
+        embeddings [N, D] of the clean frame(s); `motion`, the clip's estimated motion bucket (NaN for a pair);
+        Framer: `tracks` [F, P, 2], the clip's point tracks on the training frames (P = 0 without a tracks file)."""
         vae, clip = comps["vae"], comps["image_encoder"]
         dev = next(vae.parameters()).device
-        video = item["video"].to(dev)  # [3, F, H, W] in [-1, 1]
-        mean, logvar = vae.encode_dist(video.permute(1, 0, 2, 3))  # [F, Z, h, w]
-        cond = self._condition_frames(video)  # [N, 3, H, W]
+        video = item["video"].to(dev)  # [3, K, H, W] in [-1, 1]: the K known frames
+        meta = item.get("meta") or {}
+        n_frames = int(meta.get("num_frames") or video.shape[1])
+        known = list(meta.get("known_frames") or range(video.shape[1]))
+        where = item.get("path", "the sample")
+        if len(known) != video.shape[1] or known[0] != 0 or (self.framer and known[-1] != n_frames - 1):
+            raise ValueError(f"{where}: frames {known} of {n_frames} are known; {self.name} needs the first"
+                             + (" and the last" if self.framer else ""))
+        mean_k, logvar_k = vae.encode_dist(video.permute(1, 0, 2, 3))  # [K, Z, h, w]
+        mean = mean_k.new_zeros((n_frames, *mean_k.shape[1:]))
+        logvar = torch.zeros_like(mean)
+        mean[known], logvar[known] = mean_k, logvar_k
+        mask = torch.zeros(n_frames)
+        mask[known] = 1.0
+        cond = self._condition_frames(video)  # [N, 3, H, W]: video[:, 0] (and video[:, -1]) are frames 0 (and F-1)
         cfg = self.objective_config("")
         g = torch.Generator().manual_seed(_content_seed(cond))
         sigma = edm.draw_cond_sigmas([g], cfg)  # [1]
         noisy = cond + sigma.item() * torch.randn(cond.shape, generator=g).to(dev)
         cond_latent, _ = vae.encode_dist(noisy)
         embeds = encode_image(clip, cond.to(next(clip.parameters()).dtype))[:, 0]  # [N, D]
-        return {"latent_mean": mean.float().cpu(), "latent_logvar": logvar.float().cpu(),
-                "cond_latent": cond_latent.float().cpu(), "cond_sigma": sigma[0].float().cpu(),
-                "clip_embeds": embeds.float().cpu()}
+        motion = estimate_motion_bucket(video) if len(known) == n_frames else float("nan")
+        out = {"latent_mean": mean.float().cpu(), "latent_logvar": logvar.float().cpu(), "frame_mask": mask,
+               "cond_latent": cond_latent.float().cpu(), "cond_sigma": sigma[0].float().cpu(),
+               "clip_embeds": embeds.float().cpu(), "motion": torch.tensor(motion, dtype=torch.float32)}
+        if self.framer:
+            out["tracks"] = self._clip_tracks(meta, n_frames, where)
+        return out
+
+    def _clip_tracks(self, meta: dict[str, Any], n_frames: int, where: str) -> torch.Tensor:
+        """[F, P, 2] pixel (x, y) of the training frames from the sample's tracks file (source pixels of the clip or
+        the pair's start image, one entry per source frame, or per pair frame), mapped through the resize, crop
+        and flip the frames went through; [F, 0, 2] without a file."""
+        path = (meta.get("sidecars") or {}).get(TRACKS_SIDECAR)
+        if path is None:
+            return torch.zeros(n_frames, 0, 2)
+        geo = meta["geometry"]
+        sh, sw = geo["source_size"]
+        tracks = load_tracks(path, height=sh, width=sw)  # [Fs, P, 2] in source pixels
+        if meta.get("is_pair"):
+            if tracks.shape[0] != n_frames:
+                raise ValueError(f"track file {path}: {tracks.shape[0]} frames, but the pair {where} stands for "
+                                 f"{n_frames} (data.pair_frames)")
+        else:
+            idx = list(meta.get("frame_indices") or [0])
+            if tracks.shape[0] <= max(idx):
+                raise ValueError(f"track file {path}: {tracks.shape[0]} frames, but the clip {where} has frame "
+                                 f"{max(idx)}; expected one [x, y] per source frame")
+            tracks = tracks[idx]
+        return map_points(tracks, geo)
 
     # ------------------------------------------------------------------------------ objective
+    def frozen_in_training(self, preset: str, objective: Any, trained: frozenset[str]) -> set[str]:
+        if self.framer and getattr(objective, "controlnet", False) and "controlnet" not in trained:
+            return {"controlnet"}
+        return set()
+
+    def check_dataset(self, preset: str, dataset: Any, trained: frozenset[str], objective: Any) -> None:
+        """Framer needs >= 3 frames per sample; a run that calls the ControlNet needs samples with tracks (each
+        tracks file is parsed here, before any model loads); metadata fps / motion_bucket_id must be numbers."""
+        with_tracks = 0
+        for i in range(len(dataset)):
+            meta, path = dataset.meta(i), dataset.samples[i].path
+            n = meta["num_frames"]
+            if self.framer and n < 3:
+                raise ValueError(f"{path}: {n} frame(s); Framer interpolates between a start and an end frame and "
+                                 "needs >= 3 (data.frames, or data.pair_frames for image pairs)")
+            for key in ("fps", "motion_bucket_id"):
+                v = (meta.get("extra") or {}).get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1):
+                    raise ValueError(f"{path}: metadata {key}={v!r}; expected a number >= 1")
+            tracks = (meta.get("sidecars") or {}).get(TRACKS_SIDECAR)
+            if tracks is not None and self.framer:
+                load_tracks(tracks)
+                with_tracks += 1
+        uses = "controlnet" in trained or bool(getattr(objective, "controlnet", False))
+        if self.framer and uses and not with_tracks:
+            how = "components.controlnet.mode trains" if "controlnet" in trained else "objective.controlnet=true calls"
+            raise ValueError(f"{how} the ControlNet from point tracks, but no sample of {dataset.cfg.path} has a "
+                             f"<name>.{TRACKS_SIDECAR} beside it (format: {{\"frames\": F, \"width\": W, "
+                             f"\"height\": H, \"tracks\": [[[x, y] per frame] per point]}})")
+
     def _unet_input(self, unet: nn.Module, x: torch.Tensor, cond_latent: torch.Tensor) -> torch.Tensor:
         """[B, F, Z, h, w] scaled noisy latents + [B, N, Z, h, w] conditioning latents -> the UNet's input."""
         f = x.shape[1]
@@ -302,19 +438,82 @@ class SVDSpec(BackboneSpec):
             cond = cond_latent[:, :1].expand(-1, f, -1, -1, -1)
         return torch.cat([x, cond.to(x.dtype)], dim=2)
 
+    def _time_ids(self, batch: Batch, cfg: SVDObjectiveConfig, device: torch.device) -> torch.Tensor:
+        """[B, 3] (fps − 1, motion bucket, σ_cond) per sample: metadata column, else the clip (when asked), else
+        the config (SVDObjectiveConfig)."""
+        fps, motion = [], []
+        for i, meta in enumerate(batch.meta):
+            extra = meta.get("extra") or {}
+            f = extra.get("fps")
+            if f is None and cfg.fps_from_clip and (meta.get("fps") or 0) > 0:
+                f = max(1, round(float(meta["fps"])))
+            fps.append(float(cfg.fps if f is None else f))
+            m = extra.get("motion_bucket_id")
+            est = float(batch.fields["motion"][i]) if "motion" in batch.fields else float("nan")
+            if m is None and cfg.estimate_motion and math.isfinite(est):
+                m = est
+            motion.append(float(cfg.motion_bucket_id if m is None else m))
+        sig = batch.stack("cond_sigma").flatten()
+        return added_time_ids(torch.tensor(fps), torch.tensor(motion), sig.cpu(), batch=len(batch), device=device)
+
+    def _train_control(self, models: dict[str, nn.Module], batch: Batch, sample: torch.Tensor, c_noise: torch.Tensor,
+                       embeds: torch.Tensor, ids: torch.Tensor, scale: float) -> dict[str, Any]:
+        """The ControlNet's residuals for the UNet (§7.3: added to the skips and the mid block), zero for samples
+        without tracks (control off for them); {} when the ControlNet is not in training or nothing to control."""
+        net = models.get("controlnet")
+        if net is None:
+            return {}
+        trained = any(p.requires_grad for p in net.parameters())
+        tracks = batch.fields["tracks"]
+        has = torch.tensor([t.shape[1] > 0 for t in tracks], dtype=torch.bool)
+        if not has.any() and not trained:
+            return {}  # a trained ControlNet runs anyway: DDP expects every rank to call it each step
+        inner = getattr(net, "module", net)
+        stride = inner.config.conditioning_stride
+        b, f, _, h, w = sample.shape
+        heat = []
+        for t, meta in zip(tracks, batch.meta):
+            ph, pw = meta["geometry"]["size"] if "geometry" in meta else (h * stride, w * stride)
+            pts = t.float().cpu() * torch.tensor([w * stride / pw, h * stride / ph])
+            heat.append(render_heatmaps(pts, h * stride, w * stride))
+        heat_t = torch.stack(heat).to(sample.device, sample.dtype)  # [B, F, 3, H, W] in 0..255
+        with contextlib.nullcontext() if trained else torch.no_grad():
+            down, mid = net(sample, c_noise, embeds, ids, heat_t, conditioning_scale=scale)
+        keep = has.to(sample.device).repeat_interleave(f)  # [B·F]
+
+        def gate(r: torch.Tensor) -> torch.Tensor:
+            return r * keep.view(-1, 1, 1, 1).to(r.dtype)
+        return {"down_block_additional_residuals": tuple(gate(r) for r in down),
+                "mid_block_additional_residual": gate(mid)}
+
     def training_loss(self, models: dict[str, nn.Module], batch: Batch, cfg: SVDObjectiveConfig) -> torch.Tensor:
+        """EDM loss on the known frames. Frames without ground truth (an image pair's middle) enter the UNet noised
+        from the data prior N(0, σ_data²) (drawn from a stream apart from the documented EDM draws) and get no loss:
+        never copies of a known frame (§8.2 #9)."""
         mean, logvar = batch.stack("latent_mean"), batch.stack("latent_logvar")  # [B, F, Z, h, w]
+        dev = mean.device
+        mask = batch.stack("frame_mask").to(dev) > 0 if "frame_mask" in batch.fields else None  # [B, F]
         gens = [torch.Generator().manual_seed(s) for s in batch.seeds]
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean.device)
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(dev)
         x0 = (mean + torch.exp(0.5 * logvar) * eps) * SCALE
+        if mask is not None and not bool(mask.all()):
+            fill = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s ^ 0x5A17))
+                                for s in batch.seeds]).to(dev) * cfg.sigma_data
+            x0 = torch.where(mask[..., None, None, None], x0, fill)
+        else:
+            mask = None
         inp = edm.training_inputs(x0, cfg, gens)
+        for m in models.values():  # per-video temporal context in training (see set_temporal_context_layout)
+            set_temporal_context_layout(m, False)
         unet = models["unet"]
         wdt = next(unet.parameters()).dtype
-        sample = self._unet_input(unet, inp.model_input, batch.stack("cond_latent").to(mean.device))
-        ids = added_time_ids(cfg.fps, cfg.motion_bucket_id, batch.stack("cond_sigma").to(mean.device).flatten(),
-                             batch=len(batch.seeds), device=mean.device)
-        out = unet(sample.to(wdt), inp.c_noise, batch.stack("clip_embeds").to(mean.device, wdt), ids.to(wdt))
-        return edm.edm_loss(out.float(), inp, cfg)
+        sample = self._unet_input(unet, inp.model_input, batch.stack("cond_latent").to(dev)).to(wdt)
+        ids = self._time_ids(batch, cfg, dev).to(wdt)
+        embeds = batch.stack("clip_embeds").to(dev, wdt)
+        control = self._train_control(models, batch, sample, inp.c_noise, embeds, ids,
+                                      float(getattr(cfg, "controlnet_scale", 1.0)))
+        out = unet(sample, inp.c_noise, embeds, ids, **control)
+        return edm.edm_loss(out.float(), inp, cfg, mask)
 
     # ------------------------------------------------------------------------------- sampling
     def _request_images(self, request: SampleRequest) -> torch.Tensor:
@@ -363,6 +562,8 @@ class SVDSpec(BackboneSpec):
                else contextlib.nullcontext())
 
         control = self._control(comps, request, device, do_cfg)
+        layout = [m for m in (unet, control[0] if control else None) if m is not None]
+        before = [set_temporal_context_layout(m, self.framer) for m in layout]  # Framer's, as released
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             inp = self._unet_input(unet, x, cond).to(wdt)
@@ -373,9 +574,13 @@ class SVDSpec(BackboneSpec):
             return unet(inp, t, embeds, ids, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid).float()
 
-        with amp:
-            latents = sample_svd(model_fn, noise, SVDEulerSampler(), request.steps, lo, hi, request.frames,
-                                 progress=progress)
+        try:
+            with amp:
+                latents = sample_svd(model_fn, noise, svd_sampler(ex.get("sampler") or "euler"), request.steps, lo,
+                                     hi, request.frames, progress=progress)
+        finally:
+            for m, was in zip(layout, before):
+                set_temporal_context_layout(m, was)
         z = (latents[0] / SCALE).to(next(vae.parameters()).dtype)  # [F, Z, h, w]
         frames = vae.decode(z, num_frames=request.frames, decode_chunk_size=ex.get("decode_chunk_size")).float()
         return frames.permute(1, 0, 2, 3)[None].clamp(-1, 1)  # [1, 3, F, H, W]
@@ -399,31 +604,66 @@ class SVDSpec(BackboneSpec):
     # ------------------------------------------------------------------------------- files
     def export_lora(self, models: dict[str, nn.Module], out_dir: Path, written: Path, metadata: dict[str, str],
                     dtype: torch.dtype) -> list[Path]:
-        """`unet_lora/`: the PEFT adapter folder FramerTurbo writes (`base_model.model.<name>.lora_A.weight`,
-        adapter_config.json with r, lora_alpha and the adapted module names)."""
-        unet = models.get("unet")
-        if unet is None or len(models) != 1:
-            return []
-        layers = lora_layers(unet)
-        ranks = {m.lora_rank for m in layers.values()}
-        alphas = {float(m.lora_alpha) for m in layers.values()}
-        if len(ranks) != 1 or len(alphas) != 1 or any(m.lora_use_rslora for m in layers.values()):
-            return []  # PEFT's one r / lora_alpha cannot describe it; the engine's own files still do
-        sd = {}
-        for name, m in layers.items():
-            sd[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().reshape(m.lora_A.shape[0], -1).to(dtype).cpu().contiguous()
-            sd[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().reshape(m.lora_B.shape[0], -1).to(dtype).cpu().contiguous()
-        cfg = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": sorted(layers),
-               "lora_dropout": 0.0, "bias": "none", "init_lora_weights": "gaussian", "task_type": None,
-               "base_model_name_or_path": None, "fan_in_fan_out": False, "modules_to_save": None,
-               "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
-               "inference_mode": True}
-        folder = out_dir / "unet_lora"
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "adapter_model.safetensors",
-                     lambda p: save_file(sd, str(p), metadata={"format": "pt", "backbone": self.name}))
-        atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
-        return [folder]
+        """`<component>_lora/` per LoRA-trained component (`unet_lora/`, Framer's `controlnet_lora/`): the PEFT
+        adapter folder FramerTurbo writes (`base_model.model.<name>.lora_A.weight`, adapter_config.json with r,
+        lora_alpha and the adapted module names), so `PeftModel.from_pretrained` on that model loads it."""
+        out = []
+        for name in ("unet", "controlnet"):
+            if name in models:
+                folder = write_peft_folder(models[name], out_dir / f"{name}_lora", dtype, self.name)
+                if folder is not None:
+                    out.append(folder)
+        return out
+
+    def save_full(self, name: str, module: nn.Module, out_dir: Path, trained: list[str]) -> list[Path]:
+        """A fully fine-tuned ControlNet: `controlnet/diffusion_pytorch_model.safetensors`, its whole state dict in
+        Framer's layout (the keys of checkpoints/framer_512x320/controlnet), so `model.sources.controlnet=<that
+        folder>` (infer.py `--source controlnet=...`) loads it in place of Framer's. Never a pickle."""
+        if name != "controlnet":
+            return super().save_full(name, module, out_dir, trained)
+        from lora_core.runtime.checkpoint import save_tensors
+        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        path = out_dir / "controlnet" / "diffusion_pytorch_model.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return [save_tensors(sd, path, metadata={"backbone": self.name, "format": "pt"})]
+
+
+def write_peft_folder(module: nn.Module, folder: Path, dtype: torch.dtype, backbone: str) -> Path | None:
+    """A PEFT LoRA adapter folder of `module`'s LoRA layers; None when PEFT's one r / lora_alpha cannot describe
+    them (per-layer ranks or rsLoRA: the engine's own files still do)."""
+    layers = lora_layers(module)
+    ranks = {m.lora_rank for m in layers.values()}
+    alphas = {float(m.lora_alpha) for m in layers.values()}
+    if not layers or len(ranks) != 1 or len(alphas) != 1 or any(m.lora_use_rslora for m in layers.values()):
+        return None
+    sd = {}
+    for name, m in layers.items():
+        sd[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().reshape(m.lora_A.shape[0], -1).to(dtype).cpu().contiguous()
+        sd[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().reshape(m.lora_B.shape[0], -1).to(dtype).cpu().contiguous()
+    cfg = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": sorted(layers),
+           "lora_dropout": 0.0, "bias": "none", "init_lora_weights": "gaussian", "task_type": None,
+           "base_model_name_or_path": None, "fan_in_fan_out": False, "modules_to_save": None,
+           "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+           "inference_mode": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "adapter_model.safetensors",
+                 lambda p: save_file(sd, str(p), metadata={"format": "pt", "backbone": backbone}))
+    atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    return folder
+
+
+def map_points(points: torch.Tensor, geometry: dict[str, Any]) -> torch.Tensor:
+    """Pixel (x, y) of the source [..., 2] -> the same points on the training frames, through the dataset's resize
+    to `resize` (h, w), crop at `crop` (top, left) and optional left-right flip (`geometry` as the dataset's
+    meta["geometry"]). Pixel centres: a source pixel centre x maps to (x + ½)·rw/sw − ½ − left."""
+    sh, sw = geometry["source_size"]
+    rh, rw = geometry["resize"]
+    top, left = geometry["crop"]
+    x = (points[..., 0] + 0.5) * (rw / sw) - 0.5 - left
+    y = (points[..., 1] + 0.5) * (rh / sh) - 0.5 - top
+    if geometry.get("flip"):
+        x = geometry["size"][1] - 1 - x
+    return torch.stack([x, y], dim=-1)
 
 
 class FramerSpec(SVDSpec):
@@ -434,19 +674,24 @@ class FramerSpec(SVDSpec):
     lora_file_metadata = {"modelspec.architecture": "framer-svd-xt/lora"}
     framer = True
     conditioning_images = 2
+    embedded_sample = "pairs"   # the tiny default trains on start/end pairs (with point tracks) made on the fly
 
     def unet_preset(self, preset: str) -> str:
         return "tiny-framer" if preset == "tiny" else "framer"
 
     def sources(self, preset: str) -> dict[str, str]:
-        return {"framer": "Framer's checkpoints/framer_512x320 folder (unet/, controlnet/)"}
+        return {"framer": "Framer's checkpoints/framer_512x320 folder (unet/, controlnet/)",
+                "controlnet": "a ControlNet folder (diffusion_pytorch_model.safetensors) replacing Framer's, e.g. "
+                              "the controlnet/ a full ControlNet fine-tune writes"}
 
     def image_inputs(self, preset: str) -> dict[str, str]:
         return {"image": "the start frame", "image_end": "the end frame"}
 
     def components(self, preset: str) -> dict[str, Component]:
         return {**super().components(preset),
-                "controlnet": Component("controlnet", description="ControlNetSVDModel (point-track control; "
+                "controlnet": Component("controlnet", modes=("frozen", "lora", "full"), lora_targets=TURBO_TARGETS,
+                                        naming=CONTROLNET_NAMING,
+                                        description="ControlNetSVDModel (point-track control; "
                                         "called in sampling when --tracks is given)")}
 
     def sample_options(self, preset: str) -> list[SampleOption]:
@@ -460,4 +705,5 @@ class FramerSpec(SVDSpec):
         return rules if preset != "tiny" else dataclasses.replace(rules, default_frames=4)
 
 
-__all__ = ["SVDSpec", "FramerSpec", "SVDObjectiveConfig", "UNET_NAMING", "ATTENTION_TARGETS", "TURBO_TARGETS"]
+__all__ = ["SVDSpec", "FramerSpec", "SVDObjectiveConfig", "FramerObjectiveConfig", "estimate_motion_bucket",
+           "map_points", "write_peft_folder", "CONTROLNET_NAMING", "UNET_NAMING", "ATTENTION_TARGETS", "TURBO_TARGETS"]

@@ -235,6 +235,24 @@ class TransformerSpatioTemporalModel(nn.Module):
         return x + residual
 
 
+def set_temporal_context_layout(module: nn.Module, framer: bool) -> bool:
+    """Switch every TransformerSpatioTemporalModel in `module` to Framer's position-major temporal context
+    (`framer`) or to per-video rows; returns whether any was in Framer's layout before.
+
+    Training uses per-video rows: in Framer's layout a sample's temporal attention reads other samples' CLIP
+    context when B > 1, so the loss of one sample would depend on its batch-mates (and a 2-process run would not
+    equal a 1-process run of the same global batch); at B = 1, FramerTurbo's batch, the two layouts are the same.
+    Sampling switches back to Framer's layout, so outputs match the released model's CFG batch. A plain
+    attribute set between steps (never inside one), so activation-checkpoint recomputes see the layout the
+    forward saw."""
+    before = False
+    for m in module.modules():
+        if isinstance(m, TransformerSpatioTemporalModel):
+            before = before or m.framer_temporal_context
+            m.framer_temporal_context = framer
+    return before
+
+
 # -- down / mid / up blocks ------------------------------------------------------------------------
 # All take (hidden_states, temb, encoder_hidden_states, image_only_indicator); blocks without attention ignore the
 # context. Resnet eps: 1e-6 in the cross-attention down blocks and every up block, 1e-5 in DownBlockSpatioTemporal

@@ -3,6 +3,8 @@
 Media and text are separate entries with separate keys, so editing a caption or the trigger word
 re-runs only the text encoder, never the VAE:
   media key = sha256 of the file's bytes + preprocessing plan (frames, resize, crop, bucket) + encoder id
+              (a start/end pair: the start image's bytes; the plan carries the end image's and any
+              sidecar file's content hash, `VideoDataset.preprocess_params`)
   text key  = the text + encoder id
 Both include CACHE_FORMAT. Keys never contain a path or a timestamp, so copying or moving the
 dataset or the cache keeps every entry valid; nothing ever has to be deleted by hand.

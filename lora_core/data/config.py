@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from lora_core.data.rules import (
     MediaRules,
     describe_frame_counts,
+    sidecar_suffix_problem,
     is_valid_frame_count,
     largest_valid_frames,
     smallest_valid_frames,
@@ -58,6 +59,14 @@ class DataConfig:
     flip: bool = False  # mirror half the samples (the whole clip), chosen per sample by (seed, index); cached as such
     clip_start: str = "random"  # "random" | "head" | "center"
     short_clips: str = "shorten"  # "shorten" (longest valid count the clip has) | "skip"
+    # Start/end image pairs (<id>_start.png + <id>_end.png, or start/end columns), each one sample that
+    # stands for a pair_frames-frame clip of which only the first and last frames are known.
+    # None: from the backbone (MediaRules.image_pairs); a backbone without pairs leaves them off.
+    pairs: bool | None = None
+    pair_frames: int | None = None  # clip length a pair stands for (>= 2, a valid count); None: num_frames
+    # Suffixes of optional per-sample files beside the media ("tracks.json": clip.tracks.json beside
+    # clip.mp4, <id>.tracks.json for a pair); None: the backbone's (MediaRules.sidecars).
+    sidecars: list[str] | None = None
     # Probability that classifier-free-guidance training drops each of the backbone's conditions, by name
     # (its `conditions`, e.g. {caption: 0.1}); a condition not listed is never dropped.
     condition_dropout: dict[str, float] = field(default_factory=dict)
@@ -125,6 +134,26 @@ class DataConfig:
             if v < s or v % s:
                 fix = max(s, round(v / s) * s)
                 raise bad(name, f"a positive multiple of data.size_multiple={s}, e.g. {fix}")
+        if self.pair_frames is not None:
+            pf = self.pair_frames
+            if isinstance(pf, bool) or not isinstance(pf, int) or pf < 2:
+                raise bad("pair_frames", "an integer >= 2 (a pair stands for a clip with a first and a last frame)")
+            m, o = self.frame_multiple, self.frame_offset
+            if m is not None and o is not None and not is_valid_frame_count(pf, m, o):
+                lo = largest_valid_frames(pf, m, o)
+                hi = lo + m if lo else smallest_valid_frames(m, o)
+                eg = " or ".join(str(n) for n in (lo, hi) if n >= 2) or str(hi + m)
+                raise bad("pair_frames", f"{describe_frame_counts(m, o)} frames for this VAE, e.g. {eg}")
+        if self.pairs and self.kind == "image":
+            raise bad("pairs", "false with data.kind='image' (a start/end pair stands for a clip)")
+        if self.sidecars is not None:
+            if isinstance(self.sidecars, str) or not isinstance(self.sidecars, (list, tuple)):
+                raise bad("sidecars", 'a list of file suffixes, e.g. ["tracks.json"]')
+            for suffix in self.sidecars:
+                problem = sidecar_suffix_problem(suffix)
+                if problem:
+                    expected = 'a list of file suffixes without a leading dot, e.g. ["tracks.json"]'
+                    raise bad("sidecars", f"{expected}; {problem}")
         if self.max_aspect < 1:
             raise bad("max_aspect", "a ratio >= 1, e.g. 4.0")
         for name, p in self.condition_dropout.items():
@@ -145,6 +174,8 @@ def resolve_data_config(cfg: DataConfig, rules: MediaRules) -> DataConfig:
 
     Values the user set win, as long as the backbone can take them: frame counts must be counts the
     backbone accepts, sizes multiples of its size multiple, and an image backbone gets 1-frame samples.
+    Pairs and sidecars come from the backbone too (`pairs`, `sidecars`); with pairs on, `pair_frames`
+    defaults to `num_frames`.
     """
     if rules.kind == "image" and cfg.kind == "video":
         raise ValueError(
@@ -154,6 +185,24 @@ def resolve_data_config(cfg: DataConfig, rules: MediaRules) -> DataConfig:
     filled = {name: getattr(rules, attr) for name, attr in _FROM_RULES.items() if getattr(cfg, name) is None}
     if (cfg.kind or rules.kind) == "image" and cfg.num_frames is None:
         filled["num_frames"] = 1  # a video backbone asked to train on stills only
+    if cfg.pairs and not rules.image_pairs:
+        raise ValueError(
+            "data.pairs=true is invalid: this backbone does not train on start/end image pairs; "
+            "set data.pairs=false or leave it unset"
+        )
+    if cfg.pairs is None:
+        filled["pairs"] = rules.image_pairs and (cfg.kind or rules.kind) != "image"
+    if cfg.sidecars is None:
+        filled["sidecars"] = list(rules.sidecars)
+    pairs = filled.get("pairs", cfg.pairs)
+    if pairs and cfg.pair_frames is None:
+        n = cfg.num_frames if cfg.num_frames is not None else filled.get("num_frames")
+        if n is not None and n < 2:
+            raise ValueError(
+                f"data.pair_frames=None resolves to data.num_frames={n}, but a start/end pair stands for a clip "
+                "of at least 2 frames; set data.pair_frames (a valid frame count >= 2) or data.pairs=false"
+            )
+        filled["pair_frames"] = n
     out = replace(cfg, **filled)  # __post_init__ validates the combination
 
     assert out.frame_multiple is not None and out.frame_offset is not None and out.size_multiple is not None
@@ -172,7 +221,22 @@ def resolve_data_config(cfg: DataConfig, rules: MediaRules) -> DataConfig:
             f"data.size_multiple={out.size_multiple} is invalid: this backbone needs sizes that are multiples "
             f"of {rules.size_multiple}; use data.size_multiple={rules.size_multiple} (or a multiple of it)"
         )
+    if out.pair_frames is not None and not rules.is_valid_frames(out.pair_frames):
+        eg = rules.nearest_frames(out.pair_frames)
+        while eg < 2:
+            eg += rules.frame_multiple
+        raise ValueError(
+            f"data.pair_frames={out.pair_frames} is invalid: this backbone takes {rules.describe_frames()} "
+            f"frames, e.g. {eg}"
+        )
     return out
+
+
+def pair_frame_count(cfg: DataConfig) -> int:
+    """Frames a start/end pair stands for under `cfg`: data.pair_frames, else data.num_frames."""
+    n = cfg.pair_frames if cfg.pair_frames is not None else cfg.num_frames
+    assert n is not None, "a resolved config (require_resolved) has num_frames"
+    return n
 
 
 def require_resolved(cfg: DataConfig, what: str = "the dataset") -> None:

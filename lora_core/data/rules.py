@@ -35,12 +35,31 @@ def describe_frame_counts(multiple: int, offset: int) -> str:
     return f"{multiple}k+{offset}" if offset else f"multiples of {multiple}"
 
 
+def sidecar_suffix_problem(suffix: object) -> str:
+    """Why `suffix` cannot name sidecar files ("" when it can): a non-empty name part such as
+    "tracks.json", with no leading dot and no path separator."""
+    if not isinstance(suffix, str) or not suffix:
+        return f"{suffix!r} is not a non-empty string"
+    if suffix.startswith("."):
+        return f"{suffix!r} starts with a dot (write {suffix.lstrip('.')!r})"
+    if "/" in suffix or "\\" in suffix:
+        return f"{suffix!r} holds a path separator"
+    return ""
+
+
 @dataclass(frozen=True)
 class MediaRules:
     """Valid media for one backbone preset: what it trains on, how frames are picked, which sizes work.
 
     Valid frame counts are k * frame_multiple + frame_offset for k >= 0 with a result >= 1: Wan 4k+1
     (multiple 4, offset 1), CogVideoX 8k+1, AnimateDiff any count (multiple 1, offset 0).
+
+    `image_pairs`: the backbone can train on start/end image pairs (`<id>_start.png` + `<id>_end.png`),
+    each standing for a clip whose first and last frames are known and whose middle is not (first/last
+    frame conditioning, keyframe interpolation); the dataset then scans and loads them (data.pairs).
+    `sidecars`: suffixes of optional per-sample files beside the media that the backbone conditions on,
+    e.g. "tracks.json" for `clip.tracks.json` beside `clip.mp4` (`<id>.tracks.json` for a pair); the
+    dataset reports their paths in `meta` and keys the cache on their content.
     """
 
     kind: Literal["image", "video"]
@@ -53,6 +72,8 @@ class MediaRules:
     default_frames: int
     default_height: int
     default_width: int
+    image_pairs: bool = False
+    sidecars: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A backbone author's mistake, but it would surface far away (a data error at step 0), so say it here.
@@ -70,6 +91,15 @@ class MediaRules:
                 raise bad(name, "an integer >= 1")
         if self.frame_offset < 0:
             raise bad("frame_offset", "an integer >= 0")
+        if isinstance(self.sidecars, str) or not isinstance(self.sidecars, (tuple, list)):
+            raise bad("sidecars", 'a tuple of file suffixes, e.g. ("tracks.json",)')
+        object.__setattr__(self, "sidecars", tuple(self.sidecars))  # a list would make the rules unhashable
+        for suffix in self.sidecars:
+            problem = sidecar_suffix_problem(suffix)
+            if problem:
+                raise bad("sidecars", f'file suffixes without a leading dot, e.g. ("tracks.json",); {problem}')
+        if self.image_pairs and self.kind == "image":
+            raise bad("image_pairs", "False for an image backbone (a pair stands for a clip)")
         if self.kind == "image" and self.default_frames != 1:
             raise bad("default_frames", "1 for an image backbone")
         if not self.is_valid_frames(self.default_frames):

@@ -2,7 +2,14 @@
 
 Moving coloured shapes on plain or gradient backgrounds, encoded as real H.264 mp4 with PyAV,
 each with a same-name .txt caption that says what moves where; enough for a smoke run of the
-whole pipeline (scan -> probe -> decode -> VAE -> LoRA step) and for overfitting checks.
+whole pipeline (scan -> probe -> decode -> VAE -> LoRA step) and for overfitting checks. The same
+scenes also come as stills (`make_sample_images`) and as start/end image pairs (`make_sample_pairs`),
+optionally with a `.tracks.json` sidecar holding the shape's centre in every frame:
+
+    {"frames": F, "width": W, "height": H, "tracks": [[[x, y], ... one per frame], ... one per point]}
+
+with one point (the shape's centre), in the coordinates of `VideoDataset.meta`'s geometry: continuous
+pixel coordinates, (0, 0) the top-left corner of the frame, x along the width, pixel centres at +0.5.
 """
 
 from __future__ import annotations
@@ -39,6 +46,31 @@ def _scene(i: int) -> tuple[str, str, str, str, bool]:
     return _SHAPES[i % 2], colour, _MOTIONS[(i // 2 + i) % 4], background, (i // 4) % 2 == 1
 
 
+def _centres(i: int, height: int, width: int, frames: int) -> list[tuple[float, float]]:
+    """(cx, cy) of clip i's shape in each frame, in pixel indices (the centre of pixel j is j)."""
+    _, _, motion, _, _ = _scene(i)
+    r = max(3.0, min(height, width) / 6)
+    out = []
+    for f in range(frames):
+        t = f / max(1, frames - 1)
+        u = r + t * (width - 2 * r) if "left" in motion else r + t * (height - 2 * r)
+        if motion in ("right to left", "bottom to top"):
+            u = (width if "left" in motion else height) - u
+        out.append((u, height / 2) if "left" in motion else (width / 2, u))
+    return out
+
+
+def _tracks(i: int, height: int, width: int, frames: int) -> dict:
+    """The tracks.json content of clip i (format in the module docstring): its shape's centre per frame."""
+    # +0.5: from pixel indices (as `_render` draws) to the corner-based coordinates of the geometry.
+    track = [[round(cx + 0.5, 4), round(cy + 0.5, 4)] for cx, cy in _centres(i, height, width, frames)]
+    return {"frames": frames, "width": width, "height": height, "tracks": [track]}
+
+
+def _tracks_bytes(i: int, height: int, width: int, frames: int) -> bytes:
+    return (json.dumps(_tracks(i, height, width, frames)) + "\n").encode()
+
+
 def _render(i: int, height: int, width: int, frames: int) -> tuple[np.ndarray, str]:
     """uint8 [F, H, W, 3] clip i and its caption."""
     shape, colour, motion, background, gradient = _scene(i)
@@ -49,12 +81,7 @@ def _render(i: int, height: int, width: int, frames: int) -> tuple[np.ndarray, s
         bg *= (1.0 - 0.6 * yy / max(1, height - 1))[..., None]
     r = max(3.0, min(height, width) / 6)
     video = np.empty((frames, height, width, 3), np.uint8)
-    for f in range(frames):
-        t = f / max(1, frames - 1)
-        u = r + t * (width - 2 * r) if "left" in motion else r + t * (height - 2 * r)
-        if motion in ("right to left", "bottom to top"):
-            u = (width if "left" in motion else height) - u
-        cx, cy = (u, height / 2) if "left" in motion else (width / 2, u)
+    for f, (cx, cy) in enumerate(_centres(i, height, width, frames)):
         if shape == "square":
             mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
         else:
@@ -72,10 +99,19 @@ def _sha(path: Path) -> str:
 
 
 def make_sample_dataset(
-    dir: str | Path, num_clips: int = 4, *, height: int = 64, width: int = 96, num_frames: int = 33, fps: float = 24
+    dir: str | Path,
+    num_clips: int = 4,
+    *,
+    height: int = 64,
+    width: int = 96,
+    num_frames: int = 33,
+    fps: float = 24,
+    tracks: bool = False,
 ) -> Path:
     """Write clip_000.mp4 + clip_000.txt, ... into `dir` (a folder-of-clips dataset); return `dir`.
 
+    With `tracks`, also clip_000.tracks.json, ...: the shape's centre in each of the num_frames source
+    frames (format in the module docstring), a sidecar for MediaRules(sidecars=("tracks.json",)).
     Deterministic and idempotent: a folder already holding the same clips (checked by hash) is
     left untouched. Clips are H.264 yuv420p, so height and width must be even.
     """
@@ -85,6 +121,8 @@ def make_sample_dataset(
         raise ValueError(f"height and width must be even and >= 16 for H.264, got {height}x{width}")
     out = Path(dir).expanduser()
     params = dict(version=_VERSION, num_clips=num_clips, height=height, width=width, num_frames=num_frames, fps=fps)
+    if tracks:  # only when asked, so existing folders keep their manifest
+        params["tracks"] = True
     manifest = out / _MANIFEST
     if manifest.is_file():
         try:
@@ -103,6 +141,10 @@ def make_sample_dataset(
         write_video(video, clip, fps=fps)
         txt.write_text(caption + "\n", encoding="utf-8")
         files[clip.name], files[txt.name] = _sha(clip), _sha(txt)
+        if tracks:
+            side = out / f"clip_{i:03d}.tracks.json"
+            side.write_bytes(_tracks_bytes(i, height, width, num_frames))
+            files[side.name] = _sha(side)
     manifest.write_text(json.dumps({"params": params, "files": files}, indent=1))
     logger.info(
         "wrote the sample dataset (%d clips, %dx%d, %d frames at %g fps) to %s",
@@ -128,4 +170,42 @@ def make_sample_images(dir: str | Path, num_images: int = 8, *, height: int = 64
             Image.fromarray(video[0]).save(png)
             txt.write_text(caption + "\n", encoding="utf-8")
     logger.info("wrote the sample image dataset (%d images, %dx%d) to %s", num_images, width, height, out)
+    return out
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not (path.is_file() and path.read_bytes() == data):
+        path.write_bytes(data)
+
+
+def make_sample_pairs(dir: str | Path, num_pairs: int = 8, *, height: int = 64, width: int = 64, frames: int = 4) -> Path:
+    """Write start/end image pairs into `dir` (the folder layout of pairs); return `dir`.
+
+    Pair i is the first and last frame of the sample clip i rendered with `frames` frames (the scenes
+    of `make_sample_dataset`): pair_000_start.png + pair_000_end.png, the caption pair_000.txt, and
+    pair_000.tracks.json with the shape's centre in each of the `frames` frames the pair stands for
+    (format in the module docstring; frame 0 is the start image, frame frames-1 the end image).
+    Load it with MediaRules(..., image_pairs=True, sidecars=("tracks.json",)) and data.pair_frames=frames.
+    Deterministic; files already holding the same bytes are left untouched.
+    """
+    import io
+
+    from PIL import Image
+
+    if num_pairs < 1 or frames < 2:
+        raise ValueError(f"need num_pairs >= 1 and frames >= 2 (a start and an end frame), got {num_pairs} and {frames}")
+    if height < 8 or width < 8:
+        raise ValueError(f"height and width must be >= 8, got {height}x{width}")
+    out = Path(dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(num_pairs):
+        video, caption = _render(i, height, width, frames)
+        name = f"pair_{i:03d}"
+        for role, frame in (("start", video[0]), ("end", video[-1])):
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="PNG")
+            _write_if_changed(out / f"{name}_{role}.png", buf.getvalue())
+        _write_if_changed(out / f"{name}.txt", (caption + "\n").encode())
+        _write_if_changed(out / f"{name}.tracks.json", _tracks_bytes(i, height, width, frames))
+    logger.info("wrote the sample pair dataset (%d pairs, %dx%d, %d frames each) to %s", num_pairs, width, height, frames, out)
     return out

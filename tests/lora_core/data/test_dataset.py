@@ -39,7 +39,11 @@ def test_fps_resampling_reads_the_right_frames(tmp_path: Path) -> None:
     expected = 8 * np.floor(np.arange(21) * 30 / 24)
     assert np.abs(_levels(item["video"]) - expected).max() < 3
     meta = item["meta"]
-    assert meta == dict(fps=24.0, frame_indices=ds.plan(0).frames, num_frames=21, source_fps=30.0, is_image=False)
+    old = dict(fps=24.0, frame_indices=ds.plan(0).frames, num_frames=21, source_fps=30.0, is_image=False)
+    assert {k: meta[k] for k in old} == old
+    assert meta["known_frames"] == list(range(21)) and not meta["is_pair"]
+    assert meta["geometry"] == dict(source_size=[64, 64], resize=[32, 32], crop=[0, 0], flip=False, size=[32, 32])
+    assert meta["sidecars"] == {} and meta["extra"] == {}
     assert meta["frame_indices"][:6] == [0, 1, 2, 3, 5, 6]
 
 
@@ -82,7 +86,8 @@ def test_shapes_multiples_of_32_and_bucket_aspect(tmp_path: Path) -> None:
     assert by_name["img.webp"][1] == (1, 32, 128)  # images are 1-frame clips; 3:1 -> 1:4 is nearest
     assert by_name["wide.avi"][1][0] == 9
     img_meta = ds[by_name["img.webp"][0]]["meta"]
-    assert img_meta == dict(fps=0.0, frame_indices=[0], num_frames=1, source_fps=0.0, is_image=True)
+    old = dict(fps=0.0, frame_indices=[0], num_frames=1, source_fps=0.0, is_image=True)
+    assert {k: img_meta[k] for k in old} == old and img_meta["known_frames"] == [0] and not img_meta["is_pair"]
 
 
 @pytest.mark.skipif("libvpx-vp9" not in av.codecs_available, reason="this PyAV build has no VP9 encoder")
