@@ -22,7 +22,6 @@ import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -116,6 +116,7 @@ class Plan:
     batch_bytes: int                  # the micro-batch on the device
     activation_bytes: int             # saved for backward (live after forward - before), this GPU
     offloaded_bytes: int              # saved tensors moved to host memory (train.offload_activations)
+    persistent_bytes: int             # caches the first forward fills and keeps (RoPE tables); in the peaks
     forward_peak_bytes: int           # highest live bytes above the resident ones during forward
     backward_peak_bytes: int          # ... during backward (gradients included as they appear)
     transient_bytes: int              # the largest transient: step peak above resident + saved activations
@@ -483,6 +484,7 @@ class _Trace:
     offloaded: int
     flops: float
     tokens: int | None
+    persistent: int = 0
 
 
 def _build_in_training(cfg: Any, spec: BackboneSpec, pdtype: torch.dtype) -> tuple[dict, dict, dict]:
@@ -510,11 +512,16 @@ def _trace_step(cfg: Any, spec: BackboneSpec, models: dict[str, nn.Module], plan
     from lora_core.distributed.parallelize import apply_activation_checkpointing
 
     offloaded = [0]
+    packed: dict[int, int] = {}   # storages offloaded and still alive on the device side (dedupe views)
 
     def pack(t: torch.Tensor) -> Any:
         if isinstance(t, nn.Parameter) or t.requires_grad and t.is_leaf:
             return t   # parameters are not activations
-        offloaded[0] += t.untyped_storage().nbytes() if t.untyped_storage().nbytes() else 0
+        st = t.untyped_storage()
+        if st._cdata not in packed:
+            packed[st._cdata] = st.nbytes()
+            offloaded[0] += st.nbytes()
+            weakref.finalize(st, packed.pop, st._cdata, None)
         return (t.shape, t.stride(), t.dtype, t.storage_offset(), t.untyped_storage().nbytes(), t.requires_grad)
 
     def unpack(x: Any) -> torch.Tensor:
@@ -548,12 +555,18 @@ def _trace_step(cfg: Any, spec: BackboneSpec, models: dict[str, nn.Module], plan
             loss.backward()
             del loss
             backward_peak = tracker.peak - base
+            # what outlives the step besides the gradients: caches the forward filled (e.g. RoPE tables); they
+            # persist from the first step on, so they are not activations (they stay in the peaks)
+            grads = sum(p.grad.untyped_storage().nbytes() for m in models.values() for p in m.parameters()
+                        if p.grad is not None and p.grad.untyped_storage()._cdata in tracker._seen)
+            persistent = max(0, tracker.live - base - grads)
+            activation = max(0, activation - persistent)
     tokens = None
     for m in models.values():
         tok = getattr(m, "_plan_tokens", None)
         tokens = tok if tok is not None else tokens
     return _Trace(activation, forward_peak, backward_peak, offloaded[0],
-                  float(tracker.flops) + _FlashLike.flops[0], tokens)
+                  float(tracker.flops) + _FlashLike.flops[0], tokens, persistent)
 
 
 def _block_list(spec: BackboneSpec, name: str, module: nn.Module) -> str | None:
@@ -592,7 +605,7 @@ def _trace(cfg: Any, spec: BackboneSpec, pdtype: torch.dtype, fields: dict, bmet
     notes.append(f"traced with 2 and 3 of the {n} identical {primary} blocks, extrapolated linearly")
     return _Trace(ext(a.activation, b.activation), ext(a.forward_peak, b.forward_peak),
                   ext(a.backward_peak, b.backward_peak), ext(a.offloaded, b.offloaded), ext(a.flops, b.flops),
-                  a.tokens)
+                  a.tokens, ext(a.persistent, b.persistent))
 
 
 def _existing(models: dict[str, nn.Module], batch: Batch | None = None) -> list[torch.Tensor]:
@@ -780,7 +793,7 @@ def plan_run(cfg: Any, spec: BackboneSpec, world_size: int = 1, *, gpu_memory: i
         resident + dyn_peak + parallel_bytes
     after_bwd = resident + grad_bytes + optimizer_step_bytes + parallel_bytes
     step_peak = max(step_peak, after_bwd + (CUDA_OVERHEAD if target == "cuda" else 0))
-    transient = max(0, dyn_peak - tr.activation)
+    transient = max(0, dyn_peak - tr.activation - tr.persistent)
     enc: dict[str, int | None] = {}
     if phases:
         comps = _meta_components(spec, preset)
@@ -802,7 +815,7 @@ def plan_run(cfg: Any, spec: BackboneSpec, world_size: int = 1, *, gpu_memory: i
         trained={n: p.mode for n, p in plans.items()}, param_counts_by_dtype=counts,
         params_by_dtype=params_by_dtype, lora_params=lora, trainable_params=sum(trainable_numels),
         param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes, batch_bytes=batch_bytes,
-        activation_bytes=tr.activation, offloaded_bytes=tr.offloaded, forward_peak_bytes=tr.forward_peak,
+        activation_bytes=tr.activation, offloaded_bytes=tr.offloaded, persistent_bytes=tr.persistent, forward_peak_bytes=tr.forward_peak,
         backward_peak_bytes=tr.backward_peak, transient_bytes=transient, parallel_bytes=parallel_bytes,
         optimizer_step_bytes=optimizer_step_bytes, overhead_bytes=CUDA_OVERHEAD if target == "cuda" else 0,
         step_peak_bytes=step_peak, encoder_phases=enc, peak_bytes=peak, flops_per_step=tr.flops,
@@ -928,6 +941,7 @@ def format_plan(plan: Plan) -> str:
     rows = [("gradients", p.grad_bytes), ("optimizer state", p.optimizer_bytes), ("batch", p.batch_bytes),
             ("activations saved for backward", p.activation_bytes),
             ("largest transient of the step", p.transient_bytes),
+            ("caches kept by the model (RoPE)", p.persistent_bytes),
             ("FSDP/DDP buffers", p.parallel_bytes), ("optimizer step temporaries", p.optimizer_step_bytes),
             ("CUDA context/workspaces (allowance)", p.overhead_bytes)]
     for label, v in rows:

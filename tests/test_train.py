@@ -455,3 +455,12 @@ def test_kohya_file_carries_the_backbone_metadata(shared, tmp_path):
     meta = read_lora(out / "lora.safetensors").metadata
     assert meta["ss_network_module"] == "networks.lora_wan"
     assert meta["modelspec.architecture"] == "wan-2.2-ti2v-5b/lora" and meta["modelspec.title"] == "kohya"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*/*.yaml")))
+def test_every_shipped_config_resolves(path: str) -> None:
+    """Each configs/<family>/*.yaml names a registered backbone and preset and passes every check of the config
+    (the values a user starts from must not fail at step 0)."""
+    cfg, spec = train.resolve_config(train.parse_args(["--config", path]))
+    assert spec.name == cfg.model.backbone and cfg.model.preset in spec.presets
+    assert Path(path).parent.name in (spec.name, spec.name.split("_")[0])

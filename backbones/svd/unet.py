@@ -581,7 +581,10 @@ class UNetSpatioTemporalConditionModel(nn.Module):
             raise ValueError(f"start {tuple(start.shape)} and end {tuple(end.shape)} must both be "
                              f"[B, {self.config.out_channels}, h, w] latents")
         b, z, h, w = start.shape
-        middle = self.mask_token.to(start.dtype).expand(b, num_frames - 2, z, h, w)
+        token = self.mask_token
+        if hasattr(token, "full_tensor"):  # FSDP2 keeps the root's parameters sharded outside its forward
+            token = token.full_tensor()  # an all-gather: every rank builds its input each step
+        middle = token.to(start.dtype).expand(b, num_frames - 2, z, h, w)
         latents = torch.cat([start[:, None], middle, end[:, None]], dim=1)  # [B, F, Z, h, w]
         mask = torch.ones(b, num_frames, 1, h, w, dtype=start.dtype, device=start.device)
         mask[:, 0] = 0

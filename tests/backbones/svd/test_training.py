@@ -313,12 +313,38 @@ def test_svd_fp16_from_clips_and_pairs_resumes_exactly(mixed: Path, root: Path) 
     assert all(r["loss_scale"] == 2.0 ** 16 for r in rows)
 
 
-def test_torchrun_framer_with_controlnet_equals_one_process(pairs: Path, root: Path) -> None:
-    """2 DDP processes x 1 pair against 1 process x 2 pairs, UNet and ControlNet LoRA: the same losses and
-    LoRA."""
-    common = ["--max-steps", "3", "lora.save_dtype=fp32", "optim.lr=1e-3", "components.controlnet.mode=lora"]
-    single, multi = root / "framer_single", root / "framer_multi"
+def test_clip_tracks_are_cached_on_the_training_frames(root: Path) -> None:
+    """A clip's tracks file (one point per source frame) becomes `tracks` [F, 1, 2] at the sampled frames, mapped
+    through the resize and crop; a clip without one caches [F, 0, 2]; the ControlNet LoRA trains from them."""
+    clips = make_sample_dataset(root / "clips_tracks", num_clips=2, tracks=True)
+    (clips / "clip_001.tracks.json").unlink()
+    out = root / "framer_clip_tracks"
+    assert train.main(args("framer", clips, out, root, "--max-steps", "2", "components.controlnet.mode=lora")) == 0
+    cfg, spec = train.resolve_config(train.parse_args(args("framer", clips, root / "unused", root)))
+    from lora_core.distributed import DistInfo
+    ds = train.prepare_dataset(cfg, spec, DistInfo())
+    cached = train.prepare_cache(cfg, spec, ds, DistInfo(), torch.device("cpu"))
+    by_name = {ds.samples[i].path.name: i for i in range(len(ds))}
+    i = by_name["clip_000.mp4"]
+    got = cached.cache.get(cached.media[i])["tracks"]
+    meta = ds.meta(i)
+    raw = json.loads((clips / "clip_000.tracks.json").read_text())
+    src = torch.tensor(raw["tracks"], dtype=torch.float32)[0, meta["frame_indices"]]  # [F, 2] source pixels
+    sh, sw = meta["geometry"]["source_size"]
+    assert (raw["height"], raw["width"]) == (sh, sw)
+    want = map_points(src, meta["geometry"])
+    assert got.shape == (F, 1, 2) and torch.allclose(got[:, 0], want, atol=1e-4)
+    assert cached.cache.get(cached.media[by_name["clip_001.mp4"]])["tracks"].shape == (F, 0, 2)
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_torchrun_framer_with_controlnet_equals_one_process(pairs: Path, root: Path, layout: str) -> None:
+    """2 processes (DDP or FSDP2) x 1 pair against 1 process x 2 pairs, UNet and ControlNet LoRA with gradient
+    checkpointing: the same losses and LoRA."""
+    common = ["--max-steps", "3", "lora.save_dtype=fp32", "optim.lr=1e-3", "components.controlnet.mode=lora",
+              "train.gradient_checkpointing=true"]
+    single, multi = root / f"framer_single_{layout}", root / f"framer_multi_{layout}"
     assert train.main(args("framer", pairs, single, root, *common, "--batch-size", "2")) == 0
-    torchrun_train(args("framer", pairs, multi, root, *common, "--parallel", "ddp", "--batch-size", "1"))
+    torchrun_train(args("framer", pairs, multi, root, *common, "--parallel", layout, "--batch-size", "1"))
     assert_same_training(steps_losses(single), steps_losses(multi), load_file(str(single / "lora.safetensors")),
                          load_file(str(multi / "lora.safetensors")), lr=1e-3, steps=3)
