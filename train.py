@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 train.py ... --parallel fsdp --ulysses 2
     python train.py ... --resume latest                                # continue a killed run exactly
     python train.py --backbone NAME --preset P --print-config          # every config key with its value
+    python train.py --backbone NAME --preset P ... --plan [--gpu-memory 24GB] [--world-size 8]   # will it fit?
 
 Any config field can be overridden as section.key=value (e.g. optim.lr=5e-5 lora.rank=16); see configs/, the
 README and --print-config. Sections: model, lora, components, data, optim, train, parallel, validation, objective.
@@ -16,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -70,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", help="YAML file with config values")
     ap.add_argument("--cache-only", action="store_true", help="build the latent cache and exit")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config (every key) and exit")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the planned GPU memory and FLOPs of this run per GPU (no weights loaded) and exit")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="with --plan: the number of GPUs to plan for (default: WORLD_SIZE or 1)")
+    ap.add_argument("--gpu-memory", help="with --plan: the GPU's memory, e.g. 24GB; prints whether it fits and "
+                    "the cheapest changes that make it fit (exit 1 when it does not)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     return ap.parse_intermixed_args(argv)  # key=value overrides may sit between flags
 
@@ -374,6 +382,24 @@ class StopRequest:
             signal.signal(s, h)
 
 
+def planned_peak_gb(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> float | None:
+    """On a GPU, the planner's training-step peak per GPU (GiB, `python train.py ... --plan`), which every step
+    log shows beside the measured `torch.cuda.max_memory_allocated`, so a first log line confirms or corrects
+    the plan. None on the CPU (its peak is the process RSS, not comparable) or when planning fails."""
+    if info.device.type != "cuda":
+        return None
+    try:
+        from backbones.plan import plan_run
+        plan = plan_run(cfg, spec, info.world_size, suggest=False, phases=False)
+    except Exception as e:  # noqa: BLE001 (the plan is advice; training goes on without it)
+        log.warning("planning the step's memory failed (%s: %s); training without the planned figure",
+                    type(e).__name__, e)
+        return None
+    gb = (plan.step_peak_bytes - plan.overhead_bytes) / 2**30  # the allocator counts no CUDA context
+    log.info("planned training-step peak %.2f GB per GPU (allocated tensors; see --plan)", gb)
+    return gb
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -587,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    if args.plan:
+        from backbones.plan import format_plan, plan_run
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        plan = plan_run(cfg, spec, world, gpu_memory=args.gpu_memory)
+        print(format_plan(plan))
+        return 0 if plan.fits in (None, True) else 1
     info = start_processes(cfg, spec)
     run = claim_output(cfg, spec, args, info)                # 1. user input checked, output folder claimed
     try:
@@ -601,9 +633,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         trainer = build_models(cfg, spec, info)              # 4. trained components, parallelized; optimizer
         validate = Validator(cfg, spec, trainer, info.device, dataset) if cfg.validation.every else None
+        planned = planned_peak_gb(cfg, spec, info)          # GPU: the planner's figure, logged beside the measured
         scaler = LossScaler(autocast_dtype(cfg, info.device) == torch.float16)   # fp16: dynamic loss scaling
         start = resume(trainer, run, cfg, scaler)            # 5. a checkpoint's state
-        rc = train_loop(cfg, spec, trainer, dataset, cached, info, run.out, start, validate, scaler)   # 6. the loop
+        rc = train_loop(cfg, spec, trainer, dataset, cached, info, run.out, start, validate, scaler, planned)  # 6.
         if rc:
             return rc
         with gathered(trainer):                              # 7. the artifacts (FSDP2: gathered, rank 0 writes)
@@ -618,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: VideoDataset, cached: Cached,
                info: parallel.DistInfo, out: Path, start: int, validate: Validator | None,
-               scaler: LossScaler | None = None) -> int:
+               scaler: LossScaler | None = None, planned: float | None = None) -> int:
     device, preset = info.device, cfg.model.preset
     usable = cached.usable
     batches = GlobalBatches([dataset.batch_buckets[i] for i in usable], cfg.train.batch_size * info.dp_size,
@@ -716,14 +749,15 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                 record = {"step": step + 1, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "s_per_step": dt,
                           "samples_per_s": cfg.train.batch_size * info.dp_size * cfg.train.grad_accum / dt,
                           "peak_mem_gb": peak_memory_gb(device),
+                          **({"planned_peak_gb": planned} if planned is not None else {}),
                           **({"loss_scale": scaler.scale_value} if scaler.enabled else {})}
                 metrics.write(record)
                 if info.is_main:
                     bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
                     if cfg.train.log_every and (step + 1) % cfg.train.log_every == 0:
-                        log.info("step %d loss %.5f grad_norm %.4f lr %.3e %.2f s/step %.2f samples/s peak %.2f GB",
+                        log.info("step %d loss %.5f grad_norm %.4f lr %.3e %.2f s/step %.2f samples/s peak %.2f GB%s",
                                  step + 1, loss_val, grad_norm, lr, dt, record["samples_per_s"],
-                                 record["peak_mem_gb"])
+                                 record["peak_mem_gb"], "" if planned is None else f" (planned {planned:.2f} GB)")
                 done = step + 1
                 if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
                     write_checkpoint(done)

@@ -608,6 +608,39 @@ def _trace(cfg: Any, spec: BackboneSpec, pdtype: torch.dtype, fields: dict, bmet
                   a.tokens, ext(a.persistent, b.persistent))
 
 
+def _cast_meta(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """module.to(dtype) for a meta module, parameter by parameter (`.to` refuses to swap tied parameters)."""
+    try:
+        return module.to(dtype)
+    except RuntimeError:
+        for m in module.modules():
+            for k, p in list(m._parameters.items()):
+                if p is not None and p.is_floating_point():
+                    m._parameters[k] = nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=p.requires_grad)
+        return module
+
+
+def _to_fake(module: nn.Module) -> None:
+    """module.to_empty(device="cpu") under FakeTensorMode; tied parameters are replaced one by one (keeping the
+    tie), where `to_empty` refuses to swap them."""
+    try:
+        module.to_empty(device="cpu")
+        return
+    except RuntimeError:
+        pass
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for k, p in list(store.items()):
+                if p is None or p.device.type != "meta":
+                    continue
+                if id(p) not in memo:
+                    t = torch.empty(p.shape, dtype=p.dtype)
+                    memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) \
+                        else t
+                store[k] = memo[id(p)]
+
+
 def _existing(models: dict[str, nn.Module], batch: Batch | None = None) -> list[torch.Tensor]:
     out = [t for m in models.values() for t in [*m.parameters(), *m.buffers()]]
     if batch is not None:
@@ -637,12 +670,12 @@ def _encoder_phases(cfg: Any, spec: BackboneSpec, pdtype: torch.dtype, amp: torc
     def traced(fn: Callable[[dict[str, nn.Module]], Any], parts: list[str], dts: dict[str, torch.dtype],
                extra: dict[str, nn.Module] | None = None) -> int:
         fresh = spec.component_specs(preset) if parts else {}
-        mods = {p: fresh[p].to(dts[p]) for p in parts}
+        mods = {p: _cast_meta(fresh[p], dts[p]) for p in parts}
         mods.update(extra or {})
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode, _patched(amp is not None):
             for m in mods.values():
-                m.to_empty(device="cpu")
+                _to_fake(m)
                 m.eval()
             tr = _LiveBytes(_existing(mods))
             with tr, torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -797,7 +830,8 @@ def plan_run(cfg: Any, spec: BackboneSpec, world_size: int = 1, *, gpu_memory: i
     enc: dict[str, int | None] = {}
     if phases:
         comps = _meta_components(spec, preset)
-        enc = _encoder_phases(cfg, spec, pdtype, amp, comps, set(models), param_bytes, notes)
+        full_params = sum(c * isz[n] for n, c in counts.items())   # sampling uses the whole (gathered) model
+        enc = _encoder_phases(cfg, spec, pdtype, amp, comps, set(models), full_params, notes)
         if target == "cuda":
             enc = {kk: (None if v is None else v + CUDA_OVERHEAD) for kk, v in enc.items()}
     peak = max([step_peak] + [v for v in enc.values() if v is not None])

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,6 +423,11 @@ class SVDSpec(BackboneSpec):
                 load_tracks(tracks)
                 with_tracks += 1
         uses = "controlnet" in trained or bool(getattr(objective, "controlnet", False))
+        if self.framer:
+            logging.getLogger(__name__).info(
+                "%d of %d samples have point tracks (%s)%s", with_tracks, len(dataset), TRACKS_SIDECAR,
+                "; the ControlNet runs on them" if uses else "; the ControlNet is off in training "
+                "(components.controlnet.mode=lora|full trains it, objective.controlnet=true calls it frozen)")
         if self.framer and uses and not with_tracks:
             how = "components.controlnet.mode trains" if "controlnet" in trained else "objective.controlnet=true calls"
             raise ValueError(f"{how} the ControlNet from point tracks, but no sample of {dataset.cfg.path} has a "
