@@ -643,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             if info.is_main:
                 for path in save_artifacts(cfg, spec, trainer, run.out):
                     log.info("written: %s", path)
+        parallel.barrier(info)  # the ranks tear the process group down together, after rank 0 has written
         return 0
     finally:
         run.release()
