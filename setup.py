@@ -20,7 +20,7 @@ setup(
         "pillow>=9.0",       # still images and --image
     ],
     extras_require={
-        "cuda": ["bitsandbytes>=0.45", "xformers"],
+        "cuda": ["bitsandbytes>=0.45", "xformers", "triton; platform_system == 'Linux'"],
         "test": [
             "pytest>=7",
             "bitsandbytes>=0.50",  # 8-bit AdamW runs on CPU from 0.50
@@ -30,6 +30,7 @@ setup(
             "accelerate",
             "sentencepiece",      # transformers' T5Tokenizer reads spiece.model through it (the T5 v1.1 oracle)
             "protobuf",
+            "triton; platform_system == 'Linux'",   # the LoRA kernel's test runs under TRITON_INTERPRET=1 on CPU
         ],
     },
 )

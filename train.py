@@ -271,7 +271,8 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
             module = metas[name].to(dtype)
             apply_plan(module, plans[name])
             wrapped[name] = parallel.parallelize(module, spec.units(name, module), info, mode="fsdp",
-                                                 gradient_checkpointing=bool(cfg.train.gradient_checkpointing))
+                                                 gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+                                                 compile=bool(cfg.train.compile))
             src = None
             if full is not None:
                 src = full[name]
@@ -288,7 +289,8 @@ def build_models(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) -> Tr
         for name in names:
             wrapped[name] = parallel.parallelize(models[name], spec.units(name, models[name]), info,
                                                  mode=cfg.parallel.mode,
-                                                 gradient_checkpointing=bool(cfg.train.gradient_checkpointing))
+                                                 gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+                                                 compile=bool(cfg.train.compile))
     lora_parts = [n for n in names if plans[n].mode == "lora"]
     if cfg.lora.init_from and lora_parts:  # start from an existing LoRA file (every LoRA component it holds)
         declared = spec.components(preset)

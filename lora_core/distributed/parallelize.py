@@ -27,8 +27,8 @@ import torch.nn as nn
 from .mesh import DistInfo
 from .ulysses import apply_sequence_parallel
 
-__all__ = ["parallelize", "apply_activation_checkpointing", "maybe_offload_activations", "apply_fsdp",
-           "apply_ddp", "shards_weights", "gradient_sync"]
+__all__ = ["parallelize", "apply_activation_checkpointing", "apply_compile", "maybe_offload_activations",
+           "apply_fsdp", "apply_ddp", "shards_weights", "gradient_sync"]
 
 
 def apply_activation_checkpointing(units: Sequence[nn.Module]) -> None:
@@ -39,6 +39,31 @@ def apply_activation_checkpointing(units: Sequence[nn.Module]) -> None:
     for unit in units:
         # the recomputation sees the LoRA-dropout scope of its forward, so it regenerates the same masks
         checkpoint(unit, context_fn=fused.dropout_checkpoint_context)
+
+
+@torch.compiler.disable
+def _eager_lora_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(self).forward(self, *args, **kwargs)
+
+
+def apply_compile(units: Sequence[nn.Module], **compile_kwargs: Any) -> None:
+    """`torch.compile` each unit in place (`nn.Module.compile`: the module, its names and state-dict keys stay
+    as they are; the compiled call wraps its hooks, so a checkpoint applied before is traced with it).
+    Blocks of one class share their compiled code (parameters are graph inputs, not constants).
+
+    The fused LoRA autograd.Function traces without a graph break when dropout is off. With LoRA dropout the
+    mask key is integer hashing of per-step sample seeds in Python, which dynamo would specialize per step
+    (recompiling) and then fails on as symbolic ints; so LoRA layers with dropout > 0 run eagerly
+    (`torch.compiler.disable`): one graph break around each, the rest of the block stays compiled.
+    `compile_kwargs` go to `torch.compile` (backend, mode, fullgraph, ...)."""
+    import types
+
+    from ..layers import LoRALayer
+    for unit in units:
+        for m in unit.modules():
+            if isinstance(m, LoRALayer) and m.lora_dropout > 0 and "forward" not in vars(m):
+                m.forward = types.MethodType(_eager_lora_forward, m)
+        unit.compile(**compile_kwargs)
 
 
 @contextlib.contextmanager
@@ -104,9 +129,11 @@ def shards_weights(mode: str, info: DistInfo) -> bool:
 
 
 def parallelize(model: nn.Module, units: Sequence[nn.Module], info: DistInfo, *, mode: str = "ddp",
-                gradient_checkpointing: bool = False) -> nn.Module:
-    """Sequence parallel -> activation checkpointing -> FSDP2/DDP, in that order. `units` are the repeated
-    blocks (checkpointed and sharded one by one). Returns the module to call for training: the model
+                gradient_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """Sequence parallel -> activation checkpointing -> torch.compile -> FSDP2/DDP, in that order (torchtitan's).
+    `units` are the repeated blocks (checkpointed, compiled and sharded one by one). compile=True compiles
+    each unit in place with the default inductor backend (`apply_compile`; off by default: eager until
+    measured faster, see benchmarks/bench_compile.py). Returns the module to call for training: the model
     itself (single process, FSDP2) or its DDP wrapper."""
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel {mode!r}: choose ddp or fsdp")
@@ -114,6 +141,8 @@ def parallelize(model: nn.Module, units: Sequence[nn.Module], info: DistInfo, *,
         apply_sequence_parallel(model, info)
     if gradient_checkpointing:
         apply_activation_checkpointing(units)
+    if compile:
+        apply_compile(units)
     if not info.distributed:
         return model
     if mode == "fsdp":

@@ -126,6 +126,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool | None = None                  # None = the preset's default
     offload_activations: bool = False
+    compile: bool = False                # torch.compile each repeated block (after checkpointing, before FSDP)
     skip_nonfinite: bool = False
     log_every: int = 1
     ckpt_every: int = 0                  # 0 = only at the end / on interrupt
