@@ -9,7 +9,15 @@ Ll = L / sp.size tokens held by this rank, Lc text tokens (<= text_len), Lt = 1 
 sample) or L (one per token), NH heads, D head dim, R = D / 2 rotary pairs.
 
 Precision follows upstream: time embedding, time projection, modulation, gates, norms and the head
-run in fp32 even under bf16 autocast; RoPE in float64; the residual stream is fp32.
+run in fp32 even under bf16 autocast; the residual stream is fp32. RoPE tables are built in float64 and
+applied in float32 (the rotation of an fp32 q/k in fp32 differs from upstream's float64 one by ~1 ulp).
+
+Activation memory: autograd keeps only what backward needs. The q/k RMSNorms save their (compute-dtype)
+input and fp32 inverse RMS instead of fp32 copies; the modulated LayerNorms save the normalised x in the
+compute dtype and the fp32 inverse std instead of the fp32 residual (exact in fp32 training; under bf16
+autocast the LayerNorm backward reads a bf16 normalised x, like every bf16 activation autograd keeps); the
+FFN's GELU output is recomputed from the GELU input (which GELU keeps anyway) instead of being saved a
+second time for the second linear. `WanAttentionBlock.recompute_ffn_hidden` also recomputes the GELU input.
 """
 from __future__ import annotations
 
@@ -98,14 +106,43 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 def rope_apply(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (x[2i], x[2i+1]). x [B, Ll, NH, D], rope [Ll, R, 2] (cos, sin).
 
-    Returns float32, as upstream; callers cast to their attention dtype.
+    Computes in rope's dtype, at least float32 (WanDiT passes float32 tables: within ~1 ulp of
+    upstream's float64 rotation of the fp32 q/k). Returns float32; callers cast to their attention dtype.
     """
-    # float64 as upstream: the rotation is part of the checkpoint's numerics.
-    xp = x.to(torch.float64).unflatten(-1, (-1, 2))  # [B, Ll, NH, R, 2]
+    xp = x.to(torch.promote_types(rope.dtype, torch.float32)).unflatten(-1, (-1, 2))  # [B, Ll, NH, R, 2]
     x0, x1 = xp[..., 0], xp[..., 1]
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).float()
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """(x.float() * rstd).type_as(x) * weight with rstd = rsqrt(mean(x.float()^2) + eps), in fp32.
+
+    Same forward ops as the plain expression; saves x in its own dtype and rstd [..., 1] fp32 (autograd
+    would keep fp32 copies of x and of the normalised x), and recomputes x * rstd in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        out = (xf * rstd).type_as(x) * weight
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.float() * rstd
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (g * xhat.type_as(x)).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # as autograd: the grad reaching the cast back to x's dtype is rounded to that dtype first
+            gn = (g * weight).to(x.dtype).float()
+            gx = (rstd * (gn - xhat * (gn * xhat).mean(dim=-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
 
 
 class WanRMSNorm(nn.Module):
@@ -118,13 +155,67 @@ class WanRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics: bf16 mean of squares over 3072 channels is too coarse.
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         xf = x.float()
         normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
         return normed * self.weight
 
 
+class _ModulatedLayerNormFn(torch.autograd.Function):
+    """(layer_norm(x.float()) * mul + add).to(cdt): LayerNorm without affine, then a (broadcast) scale and
+    shift, all in fp32 as upstream, and the cast to the compute dtype the next linear takes.
+
+    Saves the normalised x in the compute dtype (fp32 in fp32 training: exact) and rstd [..., 1] fp32,
+    not the fp32 input, the normalised x in fp32 and the modulated product autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float,
+                cdt: torch.dtype) -> torch.Tensor:
+        xhat, _, rstd = torch.native_layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+        xhat = xhat.type_as(x)
+        out = (xhat * mul + add).to(cdt)
+        ctx.save_for_backward(xhat.to(cdt), rstd, mul)
+        ctx.meta = (x.dtype, add.shape, add.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xhat, rstd, mul = ctx.saved_tensors
+        x_dtype, add_shape, add_dtype = ctx.meta
+        need_x, need_mul, need_add = ctx.needs_input_grad[:3]
+        gf = g.float()
+        xh = xhat.float()
+        gx = gmul = gadd = None
+        if need_mul:
+            gmul = (gf * xh).sum_to_size(mul.shape).to(mul.dtype)
+        if need_add:
+            gadd = gf.sum_to_size(add_shape).to(add_dtype)
+        if need_x:
+            dxh = gf * mul
+            gx = rstd * (dxh - dxh.mean(dim=-1, keepdim=True) - xh * (dxh * xh).mean(dim=-1, keepdim=True))
+            gx = gx.to(x_dtype)
+        return gx, gmul, gadd, None, None
+
+
 class WanLayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 (weights up-cast too), result in the input dtype."""
+
+    def modulate(self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 cdt: torch.dtype) -> torch.Tensor:
+        """(self(x) * (1 + scale) + shift).to(cdt) (scale/shift None: the module's own weight/bias), in fp32,
+        keeping for backward only the normalised x in cdt and the fp32 inverse std."""
+        if scale is None:
+            mul, add = self.weight, self.bias
+        else:
+            mul, add = 1 + scale, shift
+        if mul is None or not torch.is_grad_enabled() or not any(
+                t is not None and t.requires_grad for t in (x, mul, add)):
+            return (self(x) if scale is None else self(x) * mul + add).to(cdt)
+        mul = mul.float()
+        add = torch.zeros_like(mul) if add is None else add.float()
+        return _ModulatedLayerNormFn.apply(x, mul, add, self.eps, cdt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 because the residual stream is fp32 and bf16 statistics drift at this width.
@@ -182,6 +273,10 @@ class WanCrossAttention(_Projections):
 class WanAttentionBlock(nn.Module):
     """Modulated self-attn, un-modulated cross-attn, modulated FFN. Pure in its tensor arguments."""
 
+    # Recompute the FFN hidden pre-activation (one [Ll, C] x [C, ffn_dim] GEMM) in backward instead of
+    # keeping it: -ffn_dim * Ll elements saved per block, at ~1/9 of the block's FFN compute.
+    recompute_ffn_hidden: bool = False
+
     def __init__(self, cfg: WanDiTConfig) -> None:
         super().__init__()
         dim = cfg.dim
@@ -197,7 +292,7 @@ class WanAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: torch.Tensor,
                 k_lens: torch.Tensor | None) -> torch.Tensor:
         """x [B, Ll, C] fp32, e0 [B, Lt, 6, C] fp32 (Lt 1 or Ll), context [B, text_len, C],
-        rope [Ll, R, 2] float64, k_lens [B] or None -> [B, Ll, C] fp32.
+        rope [Ll, R, 2] float32 (or float64), k_lens [B] or None -> [B, Ll, C] fp32.
         """
         # Modulation and gates in fp32 (upstream asserts it): they scale the fp32 residual stream directly.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
@@ -205,14 +300,84 @@ class WanAttentionBlock(nn.Module):
         # context already carries the compute dtype (autocast dtype, else the weights' dtype).
         cdt = context.dtype
 
-        h = self.norm1(x) * (1 + scale_sa) + shift_sa
-        x = x + self.self_attn(h.to(cdt), rope, k_lens) * gate_sa
+        h = self.norm1.modulate(x, scale_sa, shift_sa, cdt)
+        x = x + self.self_attn(h, rope, k_lens) * gate_sa
 
-        x = x + self.cross_attn(self.norm3(x).to(cdt), context)
+        h = self.norm3.modulate(x, None, None, cdt) if isinstance(self.norm3, WanLayerNorm) else x.to(cdt)
+        x = x + self.cross_attn(h, context)
 
-        h = self.norm2(x) * (1 + scale_ff) + shift_ff
-        x = x + self.ffn(h.to(cdt)) * gate_ff
+        h = self.norm2.modulate(x, scale_ff, shift_ff, cdt)
+        x = x + self._ffn(h) * gate_ff
         return x
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """self.ffn(h) without saving its [Ll, ffn_dim] activations twice.
+
+        The GELU output (saved by the second linear) is recomputed in backward from the GELU input; with
+        `recompute_ffn_hidden`, the GELU input too is recomputed, from h (which the first linear keeps)."""
+        lin1, act, lin2 = self.ffn
+        # Under torch.compile the partitioner already decides what to save and recompute.
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return lin2(act(lin1(h)))
+        dev = h.device.type
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        # Recomputing lin1 must give the same u: not with LoRA dropout masks drawn at training time.
+        redo_u = self.recompute_ffn_hidden and not (lin1.training and getattr(lin1, "lora_dropout", 0.0) > 0)
+        # Hooks already active (activation checkpointing, memory probes) still see every saved tensor:
+        # ours wraps theirs and hands them h / u in place of the recomputable tensors.
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        o_pack = outer[0] if outer else (lambda t: t)
+        u = lin1(h)
+        state: dict[str, object] = {"u_key": _storage_key(u)}
+        src = {}  # the packed source of u: h (recompute lin1) or u itself
+
+        def rebuild_u() -> torch.Tensor:
+            cached = state.pop("u", None)
+            if cached is not None:
+                return cached  # type: ignore[return-value]
+            if "h" in src:
+                hh = outer[1](src["h"]) if outer else src["h"]
+                with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
+                    return lin1(hh.detach())
+            return outer[1](src["u"]) if outer else src["u"]
+
+        def pack(t: torch.Tensor):
+            key = _storage_key(t)
+            view = (t.shape, t.stride(), t.storage_offset())
+            if key == state["u_key"]:
+                if not src:
+                    if redo_u:
+                        src["h"] = o_pack(h)
+                    else:
+                        src["u"] = o_pack(u)
+                return ("u", rebuild_u, view)
+            if key == state.get("a_key"):
+                if not src:
+                    src["u"] = o_pack(u)
+                return ("a", rebuild_u, view)
+            return ("outer", o_pack(t))
+
+        def unpack(packed):
+            kind = packed[0]
+            if kind == "outer":
+                return outer[1](packed[1]) if outer else packed[1]
+            uu = packed[1]()
+            if kind == "a":
+                state["u"] = uu  # GELU's backward, next, wants it again
+                with torch.no_grad():
+                    uu = act(uu)
+            return uu.as_strided(*packed[2])
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            a = act(u)
+            if not a.requires_grad:
+                return lin2(a)
+            state["a_key"] = _storage_key(a)
+            return lin2(a)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), t.dtype)
 
 
 class WanHead(nn.Module):
@@ -365,7 +530,8 @@ class WanDiT(nn.Module):
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))  # [B, text_len, text_dim]
         context = self.text_embedding(context.to(cdt))  # [B, text_len, C]
 
-        rope = shard_sequence(self.rope_for_grid(grid, total, dev), sp, dim=0)  # [Ll, R, 2]
+        # float64 tables, applied in float32 (see rope_apply)
+        rope = shard_sequence(self.rope_for_grid(grid, total, dev), sp, dim=0).float()  # [Ll, R, 2]
         # Mask padded keys only when there are any: keeps the unmasked (faster) kernel otherwise.
         k_lens = torch.full((b,), n, dtype=torch.int32, device=dev) if total > n else None
 

@@ -447,3 +447,171 @@ def test_user_errors_are_value_errors(tiny_model: WanDiT) -> None:
         tiny_model(x, torch.zeros(2, 47), ctx)
     with pytest.raises(ValueError, match="num_heads"):
         WanDiTConfig(dim=130, num_heads=4)
+
+
+# -- activation memory: what autograd keeps, and that the custom backward passes match autograd -----
+
+def _saved(fn) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Tensors autograd keeps for backward during fn() (each storage once), and fn()'s output."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return list(seen.values()), out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_function_matches_autograd(dtype: torch.dtype) -> None:
+    from backbones.wan.dit import WanRMSNorm
+
+    g = torch.Generator().manual_seed(20)
+    norm = WanRMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(64, generator=g))
+    x = torch.randn(2, 5, 64, generator=g).to(dtype).requires_grad_(True)
+    gy = torch.randn(2, 5, 64, generator=g)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + norm.eps)).type_as(x) * norm.weight
+
+    ref = plain(x)
+    want = torch.autograd.grad(ref, (x, norm.weight), gy)
+    saved, got = _saved(lambda: norm(x))
+    assert torch.equal(got, ref)  # same forward ops, bit for bit
+    have = torch.autograd.grad(got, (x, norm.weight), gy)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(have, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    # kept: x in its own dtype, the fp32 inverse RMS [..., 1] and the weight; no fp32 copy of x
+    assert sorted(t.numel() for t in saved) == [10, 64, 640]
+    assert all(t.dtype == dtype for t in saved if t.numel() == 640)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_modulated_layer_norm_matches_autograd(per_token: bool) -> None:
+    from backbones.wan.dit import WanLayerNorm
+
+    g = torch.Generator().manual_seed(21)
+    plain_norm = WanLayerNorm(64, 1e-6, elementwise_affine=False)
+    affine = WanLayerNorm(64, 1e-6, elementwise_affine=True)
+    with torch.no_grad():
+        affine.weight.copy_(1 + 0.2 * torch.randn(64, generator=g))
+        affine.bias.copy_(0.2 * torch.randn(64, generator=g))
+    x = (3 + torch.randn(2, 7, 64, generator=g)).requires_grad_(True)
+    lt = 7 if per_token else 1
+    scale = (0.3 * torch.randn(2, lt, 64, generator=g)).requires_grad_(True)
+    shift = (0.3 * torch.randn(2, lt, 64, generator=g)).requires_grad_(True)
+    gy = torch.randn(2, 7, 64, generator=g)
+
+    ref = plain_norm(x) * (1 + scale) + shift
+    want = torch.autograd.grad(ref, (x, scale, shift), gy)
+    got = plain_norm.modulate(x, scale, shift, torch.float32)
+    assert torch.equal(got, ref)
+    for a, b in zip(torch.autograd.grad(got, (x, scale, shift), gy), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    ref = affine(x)
+    want = torch.autograd.grad(ref, (x, affine.weight, affine.bias), gy)
+    got = affine.modulate(x, None, None, torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (x, affine.weight, affine.bias), gy), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, out = _saved(lambda: plain_norm.modulate(x, scale.detach(), shift.detach(), torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    big = [t.dtype for t in saved if t.numel() == x.numel()]
+    # the normalised x in bf16, not fp32 copies of x; per-token modulation keeps its fp32 1 + scale
+    assert sorted(big, key=str) == [torch.bfloat16] + [torch.float32] * per_token
+
+
+def _lora_tiny(seed: int = 0) -> WanDiT:
+    from lora_core.inject import inject_lora, lora_parameters
+
+    torch.manual_seed(seed)
+    model = WanDiT(TINY).train()
+    randomize_(model, seed=1)
+    inject_lora(model, ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                        "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"], rank=4, alpha=4)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_ffn_recompute_gives_the_same_gradients_and_saves_less(amp: bool) -> None:
+    from backbones.wan.dit import WanAttentionBlock
+
+    model = _lora_tiny()
+    x, ctx = tiny_inputs(seed=22)
+    t = torch.tensor([800.0, 20.0])
+    ffn_elems = 2 * 48 * TINY.ffn_dim  # one [B, N, ffn_dim] activation
+
+    def run(recompute: bool, wrap=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        WanAttentionBlock.recompute_ffn_hidden = recompute
+        model.zero_grad(set_to_none=True)
+        blocks = model.blocks
+        if wrap is not None:
+            model.blocks = nn.ModuleList([wrap(b) for b in blocks])
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                saved, out = _saved(lambda: model(x, t, ctx))
+            out.float().square().mean().backward()
+        finally:
+            WanAttentionBlock.recompute_ffn_hidden = False
+            model.blocks = blocks
+        return saved, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    def big(saved: list[torch.Tensor]) -> int:
+        return sum(t.numel() == ffn_elems for t in saved)
+
+    saved0, g0 = run(False)
+    saved1, g1 = run(True)
+    # without recompute each block keeps the GELU input only (not its output too); with it, neither
+    assert big(saved0) == TINY.num_layers and big(saved1) == 0
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)  # recomputation is bit-exact
+
+    class Checkpointed(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor | None) -> torch.Tensor:
+            return checkpoint(self.inner, *args, use_reentrant=False)
+
+    for recompute in (False, True):
+        _, gc = run(recompute, Checkpointed)
+        for a, b in zip(g0, gc):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_training_keeps_no_fp32_token_activations_in_blocks() -> None:
+    """Under bf16 autocast the blocks keep compute-dtype activations only (fp32 is for [..., 1] stats,
+    modulation and parameters): no fp32 copies of the residual stream or of the q/k norms' inputs."""
+    model = _lora_tiny()
+    _, ctx = tiny_inputs(seed=23)
+    block = model.blocks[0]
+    with torch.no_grad():
+        grid = (3, 4, 4)
+        rope = model.rope_for_grid(grid, 48, torch.device("cpu")).float()
+        e0 = torch.randn(2, 1, 6, TINY.dim)
+        h = torch.randn(2, 48, TINY.dim)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            context = model.text_embedding(torch.nn.functional.pad(ctx, (0, 0, 0, TINY.text_len - 20)))
+    h.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, out = _saved(lambda: block(h, e0, context, rope, None))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    fp32_acts = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= 48 * TINY.dim
+                 and t.untyped_storage().data_ptr() not in params]
+    assert out.dtype == torch.float32
+    assert fp32_acts == []
