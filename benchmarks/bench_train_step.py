@@ -229,15 +229,9 @@ def run_vs_diffusers(args: argparse.Namespace) -> None:
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)  # already text_len rows: no padding difference
     target = torch.randn(x.shape, generator=g)
 
-    from backbones.wan.dit import WanAttentionBlock
-
-    def loss_ours(amp: bool, recompute: bool = False) -> torch.Tensor:
-        WanAttentionBlock.recompute_ffn_hidden = recompute
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                out = ours(x, t, ctx)
-        finally:
-            WanAttentionBlock.recompute_ffn_hidden = False
+    def loss_ours(amp: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = ours(x, t, ctx)
         return (out.float() - target).square().mean()
 
     def loss_ref(amp: bool) -> torch.Tensor:
@@ -246,7 +240,6 @@ def run_vs_diffusers(args: argparse.Namespace) -> None:
         return (out.float() - target).square().mean()
 
     variants = {"ours": (lambda amp: loss_ours(amp), ours),
-                "ours_recompute_ffn": (lambda amp: loss_ours(amp, True), ours),
                 "diffusers": (loss_ref, ref)}
 
     with torch.no_grad():
@@ -334,8 +327,7 @@ def run_vs_diffusers(args: argparse.Namespace) -> None:
              "keeps for backward (saved_tensors_hooks, each storage once); saved_act_*: the same without the "
              "models' parameter storages (ours keeps references to its frozen fp32 weights, which cost no "
              "memory; diffusers under autocast keeps bf16 weight copies, which do). bf16 = torch.autocast('cpu', "
-             "bfloat16). ours_recompute_ffn: WanAttentionBlock.recompute_ffn_hidden=True (the FFN "
-             "pre-activation is recomputed in backward). fp32_round_ratio: median over rounds of the ratio "
+             "bfloat16). fp32_round_ratio: median over rounds of the ratio "
              "to diffusers measured in the same round.")
     if args.write:
         paths = write_results("train_step_vs_diffusers", "cpu", rows, cols, config, notes)

@@ -15,9 +15,7 @@ applied in float32 (the rotation of an fp32 q/k in fp32 differs from upstream's 
 Activation memory: autograd keeps only what backward needs. The q/k RMSNorms save their (compute-dtype)
 input and fp32 inverse RMS instead of fp32 copies; the modulated LayerNorms save the normalised x in the
 compute dtype and the fp32 inverse std instead of the fp32 residual (exact in fp32 training; under bf16
-autocast the LayerNorm backward reads a bf16 normalised x, like every bf16 activation autograd keeps); the
-FFN's GELU output is recomputed from the GELU input (which GELU keeps anyway) instead of being saved a
-second time for the second linear. `WanAttentionBlock.recompute_ffn_hidden` also recomputes the GELU input.
+autocast the LayerNorm backward reads a bf16 normalised x, like every bf16 activation autograd keeps).
 """
 from __future__ import annotations
 
@@ -273,10 +271,6 @@ class WanCrossAttention(_Projections):
 class WanAttentionBlock(nn.Module):
     """Modulated self-attn, un-modulated cross-attn, modulated FFN. Pure in its tensor arguments."""
 
-    # Recompute the FFN hidden pre-activation (one [Ll, C] x [C, ffn_dim] GEMM) in backward instead of
-    # keeping it: -ffn_dim * Ll elements saved per block, at ~1/9 of the block's FFN compute.
-    recompute_ffn_hidden: bool = False
-
     def __init__(self, cfg: WanDiTConfig) -> None:
         super().__init__()
         dim = cfg.dim
@@ -311,73 +305,7 @@ class WanAttentionBlock(nn.Module):
         return x
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
-        """self.ffn(h) without saving its [Ll, ffn_dim] activations twice.
-
-        The GELU output (saved by the second linear) is recomputed in backward from the GELU input; with
-        `recompute_ffn_hidden`, the GELU input too is recomputed, from h (which the first linear keeps)."""
-        lin1, act, lin2 = self.ffn
-        # Under torch.compile the partitioner already decides what to save and recompute.
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return lin2(act(lin1(h)))
-        dev = h.device.type
-        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        # Recomputing lin1 must give the same u: not with LoRA dropout masks drawn at training time.
-        redo_u = self.recompute_ffn_hidden and not (lin1.training and getattr(lin1, "lora_dropout", 0.0) > 0)
-        # Hooks already active (activation checkpointing, memory probes) still see every saved tensor:
-        # ours wraps theirs and hands them h / u in place of the recomputable tensors.
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        o_pack = outer[0] if outer else (lambda t: t)
-        u = lin1(h)
-        state: dict[str, object] = {"u_key": _storage_key(u)}
-        src = {}  # the packed source of u: h (recompute lin1) or u itself
-
-        def rebuild_u() -> torch.Tensor:
-            cached = state.pop("u", None)
-            if cached is not None:
-                return cached  # type: ignore[return-value]
-            if "h" in src:
-                hh = outer[1](src["h"]) if outer else src["h"]
-                with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
-                    return lin1(hh.detach())
-            return outer[1](src["u"]) if outer else src["u"]
-
-        def pack(t: torch.Tensor):
-            key = _storage_key(t)
-            view = (t.shape, t.stride(), t.storage_offset())
-            if key == state["u_key"]:
-                if not src:
-                    if redo_u:
-                        src["h"] = o_pack(h)
-                    else:
-                        src["u"] = o_pack(u)
-                return ("u", rebuild_u, view)
-            if key == state.get("a_key"):
-                if not src:
-                    src["u"] = o_pack(u)
-                return ("a", rebuild_u, view)
-            return ("outer", o_pack(t))
-
-        def unpack(packed):
-            kind = packed[0]
-            if kind == "outer":
-                return outer[1](packed[1]) if outer else packed[1]
-            uu = packed[1]()
-            if kind == "a":
-                state["u"] = uu  # GELU's backward, next, wants it again
-                with torch.no_grad():
-                    uu = act(uu)
-            return uu.as_strided(*packed[2])
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            a = act(u)
-            if not a.requires_grad:
-                return lin2(a)
-            state["a_key"] = _storage_key(a)
-            return lin2(a)
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), t.dtype)
+        return self.ffn(h)
 
 
 class WanHead(nn.Module):
