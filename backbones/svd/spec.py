@@ -509,8 +509,9 @@ class SVDSpec(BackboneSpec):
         else:
             mask = None
         inp = edm.training_inputs(x0, cfg, gens)
-        for m in models.values():  # per-video temporal context in training (see set_temporal_context_layout)
-            set_temporal_context_layout(m, False)
+        if self.framer:  # per-video temporal context in training (see set_temporal_context_layout)
+            for m in models.values():
+                set_temporal_context_layout(m, False)
         unet = models["unet"]
         wdt = next(unet.parameters()).dtype
         sample = self._unet_input(unet, inp.model_input, batch.stack("cond_latent").to(dev)).to(wdt)

@@ -245,11 +245,14 @@ def set_temporal_context_layout(module: nn.Module, framer: bool) -> bool:
     Sampling switches back to Framer's layout, so outputs match the released model's CFG batch. A plain
     attribute set between steps (never inside one), so activation-checkpoint recomputes see the layout the
     forward saw."""
+    if getattr(module, "_temporal_context_framer", None) is framer:  # set by the last call: nothing to walk
+        return framer
     before = False
     for m in module.modules():
         if isinstance(m, TransformerSpatioTemporalModel):
             before = before or m.framer_temporal_context
             m.framer_temporal_context = framer
+    module._temporal_context_framer = framer  # type: ignore[attr-defined]
     return before
 
 
