@@ -12,7 +12,6 @@ Structure follows bench_train_step.py --vs-diffusers (Wan).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from dataclasses import asdict
@@ -23,48 +22,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backbones.registry import get_backbone  # noqa: E402
+from benchmarks.bench_train_step import saved_bytes_profile  # noqa: E402
 from benchmarks.common import markdown_table, summarize, time_round_robin, write_results  # noqa: E402
 from lora_core.inject import inject_lora, lora_layers  # noqa: E402
+from tests.oracle import randomize_  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK = 8
 FAMILIES = ("sd15", "svd", "cogvideox")
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """tests.oracle.randomize_: matrices by fan-in, norm weights near 1, other vectors small."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-
-
 def saved_bytes(fn, model: torch.nn.Module) -> tuple[int, int]:
     """(all, activations-only) bytes of storages autograd keeps for backward during fn(), each storage once."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
-    total = act = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total, act
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            nb = t.untyped_storage().nbytes()
-            total += nb
-            if key not in params:
-                act += nb
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.backward()
-    return total, act
+    prof = saved_bytes_profile(fn, model)
+    return prof["total"], prof["act"]
 
 
 def add_lora(ours: torch.nn.Module, ref: torch.nn.Module, seed: int = 0) -> int:
