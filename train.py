@@ -732,14 +732,10 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                     log.warning("step %d: non-finite loss %s, step skipped", step + 1, loss_val)
                     continue
                 scaler.unscale_(params)
-                if scaler.enabled:  # the global norm decides overflow alike on every rank; clip only after
-                    grad_norm = parallel.clip_grad_norm(params, 0.0)
-                    stepped = scaler.update(grad_norm)
-                    if stepped and cfg.optim.grad_clip > 0:
-                        parallel.clip_grad_norm(params, cfg.optim.grad_clip)
-                else:
-                    grad_norm = parallel.clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 shards too
-                    stepped = True
+                grad_norm = parallel.clip_grad_norm(params, cfg.optim.grad_clip)  # global, FSDP2 shards too
+                # fp16: a non-finite global norm is an overflow, decided alike on every rank (the step is skipped
+                # and its gradients dropped, so what clipping did to them does not matter)
+                stepped = scaler.update(grad_norm)
                 lr = trainer.scheduler.get_last_lr()[0]
                 if stepped:
                     trainer.optimizer.step()
