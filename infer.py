@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", choices=backbone_names(), help="model family (default: the registry's default)")
     ap.add_argument("--preset", help=f"model size (default {spec.presets[0]}): {', '.join(spec.presets)}")
-    ap.add_argument("--ckpt-dir", help="official checkpoint folder (random weights when omitted; tiny only)")
+    ap.add_argument("--ckpt-dir", help="official checkpoint folder (omitted: the preset's shipped folder, wan_ti2v tiny's "
+                                       "pretrained demo base, or random weights; tiny only)")
     ap.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                     help="a further weight source the backbone declares; repeat for several")
     ap.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
@@ -171,7 +172,8 @@ def resolve(args: argparse.Namespace) -> Request:
             opt.check(value)
             extras[opt.name] = value
 
-    sources = Sources(ckpt_dir=Path(args.ckpt_dir) if args.ckpt_dir else None,
+    # without --ckpt-dir a preset may have a shipped folder (wan_ti2v tiny: the pretrained demo base)
+    sources = Sources(ckpt_dir=Path(args.ckpt_dir) if args.ckpt_dir else spec.default_ckpt_dir(preset),
                       extra=dict(_parse_source(s) for s in args.source))
     spec.check_sources(preset, sources, set(spec.components(preset)))
     check_loras(spec, preset, loras)

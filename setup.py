@@ -6,6 +6,8 @@ setup(
     description="A hand-written LoRA engine for fine-tuning open video diffusion models (Wan2.2 TI2V-5B first).",
     packages=find_packages(include=["lora_core", "lora_core.*", "backbones", "backbones.*"]),
     py_modules=["train", "infer"],
+    # the tiny pretrained Wan base of the embedded demo (a few MB, official layout)
+    package_data={"backbones.wan": ["tiny_base/*", "tiny_base/google/umt5-xxl/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

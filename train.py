@@ -24,7 +24,7 @@ import time
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,8 @@ from lora_core import distributed as parallel
 from lora_core import fused
 from lora_core.cache import FeatureCache, build_media_cache, build_text_cache, media_keys, path_identity
 from lora_core.data import GlobalBatches, VideoDataset, load_dataset, resolve_data_config
-from lora_core.data.sample_data import make_sample_dataset, make_sample_images, make_sample_pairs
+from lora_core.data.sample_data import (make_concept_dataset, make_sample_dataset, make_sample_images,
+                                        make_sample_pairs)
 from lora_core.formats import load_lora, save_lora
 from lora_core.runtime import checkpoint as ckpt
 from lora_core.runtime import run_folder
@@ -102,6 +103,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, BackboneSpec]:
         section, field_name = key.split(".", 1)
         implied.setdefault(section, {})[field_name] = value
     cfg = load_config(args.config, flags + args.overrides, base=implied)
+    if cfg.model.ckpt_dir is None and spec.default_ckpt_dir(preset) is not None:
+        cfg.model.ckpt_dir = str(spec.default_ckpt_dir(preset))   # the shipped tiny base (the demo)
     if not cfg.train.output:
         cfg.train.output = f"runs/{spec.name}_{preset}"
     cfg.objective = objective_from_dict(spec.objective_config(preset), cfg.objective)
@@ -152,6 +155,9 @@ def prepare_dataset(cfg: Config, spec: BackboneSpec, info: parallel.DistInfo) ->
                 make_sample_images(folder)
             elif spec.embedded_sample == "pairs":
                 make_sample_pairs(folder, frames=rules.default_frames)
+            elif spec.embedded_sample == "concept":
+                make_concept_dataset(folder, height=rules.default_height, width=rules.default_width,
+                                     num_frames=rules.default_frames)
             else:
                 make_sample_dataset(folder)
             log.info("no --data given: training on the embedded sample dataset in %s", folder)
@@ -483,22 +489,23 @@ class Validator:
                      dataset.samples[item["index"]].path)
         return images
 
-    def __call__(self, out: Path, step: int) -> None:
-        from lora_core.data.video_io import write_video
-        cfg, spec, v = self.cfg, self.spec, self.cfg.validation
-        preset = cfg.model.preset
+    def _components(self) -> Components:
+        spec, preset = self.spec, self.cfg.model.preset
         if self.comps is None:
             parts = set(spec.components(preset)) - set(self.trainer.models) - set(self.trainer.frozen)
-            self.comps = spec.build(preset, parts, sources_of(cfg), device=self.device,
-                                    dtype=model_dtype(cfg, self.device))
-        comps = {**self.comps, **self.trainer.frozen, **self.trainer.models}
+            self.comps = spec.build(preset, parts, sources_of(self.cfg), device=self.device,
+                                    dtype=model_dtype(self.cfg, self.device))
+        return {**self.comps, **self.trainer.frozen, **self.trainer.models}
+
+    def _samples(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(prompt index, video index, video [3, F, H, W]) of every validation prompt, models in eval mode."""
+        cfg, spec, v = self.cfg, self.spec, self.cfg.validation
+        comps = self._components()
         was = {n: m.training for n, m in self.trainer.models.items()}
         for m in self.trainer.models.values():
             m.eval()
         prompts = v.prompts if spec.uses_text else [None]
-        rules = spec.media_rules(preset)
         try:
-            suffix = ".png" if rules.kind == "image" else spec.video_suffix
             for i, prompt in enumerate(prompts):
                 for k in range(v.videos_per_prompt):
                     req = SampleRequest(prompts=[prompt] if prompt is not None else None, images=self.images,
@@ -506,12 +513,47 @@ class Validator:
                                         guidance=v.guidance, seed=v.seed + k, extras=dict(v.extras))
                     video = spec.sample(comps, req, device=self.device,
                                         autocast_dtype=autocast_dtype(cfg, self.device))
-                    name = f"step{step:06d}_{i}" + (f"_{k}" if v.videos_per_prompt > 1 else "")
-                    path = write_video(video[0], out / "samples" / f"{name}{suffix}", fps=rules.fps)
-                    log.info("validation sample: %s", path)
+                    yield i, k, video[0]
         finally:
             for n, m in self.trainer.models.items():
                 m.train(was[n])
+
+    def _write(self, video: torch.Tensor, path: Path) -> Path:
+        from lora_core.data.video_io import write_video
+        rules = self.spec.media_rules(self.cfg.model.preset)
+        suffix = ".png" if rules.kind == "image" else self.spec.video_suffix
+        return write_video(video, path.with_name(path.name + suffix), fps=rules.fps)
+
+    def __call__(self, out: Path, step: int) -> None:
+        many = self.cfg.validation.videos_per_prompt > 1
+        for i, k, video in self._samples():
+            path = self._write(video, out / "samples" / (f"step{step:06d}_{i}" + (f"_{k}" if many else "")))
+            log.info("validation sample: %s", path)
+
+    def final(self, out: Path) -> list[Path]:
+        """validation.at_end: every prompt sampled after training, next to the LoRA (after*.mp4); with
+        validation.compare_base the same requests without the LoRA (before*.mp4) and a contact sheet of both."""
+        from lora_core.demo import contact_sheet
+        from lora_core.inject import disable_lora
+
+        def name(stem: str, i: int, k: int) -> Path:
+            return out / (stem + (f"_{i}" if i else "") + (f"_{k}" if k else ""))
+        after = {(i, k): video for i, k, video in self._samples()}
+        written = [self._write(video, name("after", i, k)) for (i, k), video in after.items()]
+        if self.cfg.validation.compare_base:
+            with contextlib.ExitStack() as stack:
+                for m in self.trainer.models.values():
+                    stack.enter_context(disable_lora(m))
+                before = {(i, k): video for i, k, video in self._samples()}
+            written += [self._write(video, name("before", i, k)) for (i, k), video in before.items()]
+            rows = {}
+            prompts = self.cfg.validation.prompts if self.spec.uses_text else [""]
+            for (i, k) in after:
+                label = prompts[i] if i < len(prompts) else ""
+                rows[f"base: {label}" + (f" (seed +{k})" if k else "")] = before[i, k]
+                rows[f"LoRA: {label}" + (f" (seed +{k})" if k else "")] = after[i, k]
+            written.append(contact_sheet(rows, out / "before_after.png"))
+        return written
 
 
 def check_resume(state: dict[str, Any], cfg: Config, info: parallel.DistInfo, source: Path) -> None:
@@ -634,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("cache ready in %s", cached.cache.dir)
             return 0
         trainer = build_models(cfg, spec, info)              # 4. trained components, parallelized; optimizer
-        validate = Validator(cfg, spec, trainer, info.device, dataset) if cfg.validation.every else None
+        validate = (Validator(cfg, spec, trainer, info.device, dataset)
+                    if cfg.validation.every or cfg.validation.at_end else None)
         planned = planned_peak_gb(cfg, spec, info)          # GPU: the planner's figure, logged beside the measured
         scaler = LossScaler(autocast_dtype(cfg, info.device) == torch.float16)   # fp16: dynamic loss scaling
         start = resume(trainer, run, cfg, scaler)            # 5. a checkpoint's state
@@ -644,6 +687,13 @@ def main(argv: list[str] | None = None) -> int:
         with gathered(trainer):                              # 7. the artifacts (FSDP2: gathered, rank 0 writes)
             if info.is_main:
                 for path in save_artifacts(cfg, spec, trainer, run.out):
+                    log.info("written: %s", path)
+        if validate is not None and cfg.validation.at_end and info.is_main:
+            if (cfg.parallel.mode == "fsdp" and info.distributed) or info.sp_size > 1:   # rank 0 cannot drive it alone
+                log.info("validation.at_end: skipped (a sharded model); sample %s with infer.py",
+                         run.out / "lora.safetensors")
+            else:
+                for path in validate.final(run.out):
                     log.info("written: %s", path)
         parallel.barrier(info)  # the ranks tear the process group down together, after rank 0 has written
         return 0
@@ -760,7 +810,8 @@ def train_loop(cfg: Config, spec: BackboneSpec, trainer: Trainer, dataset: Video
                 done = step + 1
                 if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done < cfg.train.max_steps:
                     write_checkpoint(done)
-                if validate is not None and done % cfg.validation.every == 0 and info.is_main:
+                if (validate is not None and cfg.validation.every and done % cfg.validation.every == 0
+                        and info.is_main):
                     validate(out, done)
                 if parallel.any_rank(stop.signal is not None, info):  # all ranks stop at the same step
                     write_checkpoint(done)

@@ -152,7 +152,9 @@ class BackboneSpec:
     lora_file_metadata: dict[str, str] = {}       # extra metadata in every LoRA file (e.g. kohya network module)
     lora_backbones: tuple[str, ...] = ()          # other backbones whose LoRA files apply (AnimateDiff: sd15)
     video_suffix: str = ".mp4"                    # validation samples and infer.py's default output of videos
-    embedded_sample: str = "clips"                # what train.py makes without --data: "clips" or "pairs"
+    # what train.py makes without --data: "clips", "pairs" or "concept" (the demo: a held-out colour under a
+    # trigger word, `lora_core.data.sample_data.make_concept_dataset`)
+    embedded_sample: str = "clips"
 
     @property
     def accepted_lora_backbones(self) -> tuple[str, ...]:
@@ -206,6 +208,11 @@ class BackboneSpec:
 
     def default_guidance(self, preset: str) -> float:
         return 5.0
+
+    def default_ckpt_dir(self, preset: str) -> Path | None:
+        """A checkpoint folder shipped with the project that --ckpt-dir defaults to for this preset (the tiny
+        pretrained base of the embedded demo), or None (random weights or a required --ckpt-dir)."""
+        return None
 
     def sources(self, preset: str) -> dict[str, str]:
         """Named extra weight sources (`model.sources.<name>`) besides --ckpt-dir, name -> help."""

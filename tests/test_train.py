@@ -38,7 +38,7 @@ def shared(tmp_path_factory):
 def _run(shared, out, *extra):
     data, cache = shared
     return train.main(["--preset", "tiny", "--data", str(data), "--output", str(out),
-                       f"train.cache_dir={cache}", "train.log_every=0", *extra])
+                       f"train.cache_dir={cache}", "train.log_every=0", "validation.at_end=false", *extra])
 
 
 def _losses(out):
@@ -210,7 +210,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_continues(shared, tmp_path):
     data, cache = shared
     out = tmp_path / "sig"
     cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--data", str(data), "--output", str(out),
-           "--max-steps", "100000", f"train.cache_dir={cache}", "train.log_every=0"]
+           "--max-steps", "100000", f"train.cache_dir={cache}", "train.log_every=0", "validation.at_end=false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -432,7 +432,7 @@ def test_logs_to_a_file_are_plain_lines(shared, tmp_path):
     with open(tmp_path / "log.txt", "w") as log_file:
         r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--data", str(data),
                             "--output", str(tmp_path / "o"), "--max-steps", "3", f"train.cache_dir={cache}",
-                            "train.log_every=1"], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, timeout=300)
+                            "train.log_every=1", "validation.at_end=false"], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, timeout=300)
     text = (tmp_path / "log.txt").read_text()
     assert r.returncode == 0, text[-3000:]
     assert "\r" not in text

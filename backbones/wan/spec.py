@@ -40,6 +40,11 @@ DEFAULT_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清�
                            "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
                            "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 PARTS = ("dit", "vae", "text_encoder")
+# the tiny pretrained base shipped with the project (made by `python -m backbones.wan.pretrain_tiny`)
+TINY_BASE = Path(__file__).parent / "tiny_base"
+# the embedded demo: the concept dataset (magenta shapes captioned "sks") and the prompt sampled before and after
+DEMO_TRIGGER = "sks"
+DEMO_PROMPT = "a sks circle moving top to bottom on a grey background"
 
 WanDiT.lora_key_map = KeyMap(dit_to_diffusers, dit_from_diffusers, prefix="transformer.")  # type: ignore[attr-defined]
 WanDiT.backbone_name = "wan_ti2v"  # type: ignore[attr-defined]
@@ -76,6 +81,7 @@ class WanTI2VSpec(BackboneSpec):
     lora_file_metadata = {"ss_network_module": "networks.lora_wan",
                           "modelspec.architecture": "wan-2.2-ti2v-5b/lora",
                           "modelspec.implementation": "https://github.com/Wan-Video/Wan2.2"}
+    embedded_sample = "concept"
     default_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
@@ -131,13 +137,19 @@ class WanTI2VSpec(BackboneSpec):
             return {"data.num_frames": 17, "data.height": 64, "data.width": 64, "data.fps": 24.0,
                     "train.gradient_checkpointing": False, "train.max_steps": 100, "train.log_every": 10,
                     "optim.lr": 1e-3, "validation.frames": 17,
-                    "validation.height": 64, "validation.width": 64}
+                    "validation.height": 64, "validation.width": 64,
+                    # the demo: the trained concept sampled with and without the LoRA, next to it
+                    "validation.prompts": [DEMO_PROMPT], "validation.at_end": True,
+                    "validation.compare_base": True}
         return {"data.num_frames": 49, "data.height": 704, "data.width": 1280, "data.fps": 24.0,
                 "train.gradient_checkpointing": True, "validation.frames": 121,
                 "validation.height": 704, "validation.width": 1280, "validation.steps": 50}
 
     def default_steps(self, preset: str) -> int:
         return 10 if preset == "tiny" else 50  # 5b: upstream's 50
+
+    def default_ckpt_dir(self, preset: str) -> Path | None:
+        return TINY_BASE if preset == "tiny" and (TINY_BASE / "config.json").is_file() else None
 
     def default_guidance(self, preset: str) -> float:
         return 5.0
@@ -361,7 +373,10 @@ class WanTI2VSpec(BackboneSpec):
             context = self.pad_context([e["context"] for e in self.encode_text(comps, prompts)], device)
             uncond = None
             if guidance != 1.0:
-                neg = request.negative_prompt or DEFAULT_NEGATIVE_PROMPT
+                # the tiny base learned its unconditional from the empty caption (condition dropout), not from
+                # upstream's negative prompt, which the 5B's training saw
+                tiny = getattr(dit, "config", None) == DIT_PRESETS["tiny"]
+                neg = request.negative_prompt or ("" if tiny else DEFAULT_NEGATIVE_PROMPT)
                 uncond = self.pad_context([e["context"] for e in self.encode_text(comps, [neg] * b)], device)
         z = vae.cfg.z_dim
         frames, height, width = request.frames, request.height, request.width

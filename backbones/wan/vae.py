@@ -79,8 +79,9 @@ class WanVAEConfig:
 
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     "5b": WanVAEConfig(),
-    # Same topology with small widths; z_dim 16 is the contract with the tiny DiT.
-    "tiny": WanVAEConfig(z_dim=16, dim=16, dec_dim=32, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
+    # Same topology with small widths (961,420 parameters: the shipped tiny base stays a few MB); z_dim 16 is the
+    # contract with the tiny DiT.
+    "tiny": WanVAEConfig(z_dim=16, dim=8, dec_dim=8, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
 }
 
 
@@ -466,8 +467,9 @@ class WanVAE(nn.Module):
         mean, std = self._stats(mu)
         return ((mu.float() - mean) / std).to(dtype)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, Z, F, h, w] -> video [B, 3, 4(F-1)+1, 16h, 16w] clamped to [-1, 1]."""
+    def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalised latents [B, Z, F, h, w] -> video [B, 3, 4(F-1)+1, 16h, 16w] clamped to [-1, 1] (`clamp=False`:
+        unclamped, for training the decoder, where a clamp would stop the gradient of an overshooting pixel)."""
         cfg = self.cfg
         if z.dim() != 5 or z.shape[1] != cfg.z_dim or z.shape[2] < 1:
             raise ValueError(f"decode expects latents [B, {cfg.z_dim}, F>=1, h, w], got shape {tuple(z.shape)}; "
@@ -477,7 +479,8 @@ class WanVAE(nn.Module):
         x = self.conv2((z.float() * std + mean).to(dtype))
         cache = FeatureCache()
         frames = [self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0) for i in range(x.shape[2])]
-        return unpatchify(torch.cat(frames, dim=2), cfg.patch_size).clamp(-1.0, 1.0)
+        out = unpatchify(torch.cat(frames, dim=2), cfg.patch_size)
+        return out.clamp(-1.0, 1.0) if clamp else out
 
 
 def build_vae(preset: str = "5b", **overrides: object) -> WanVAE:

@@ -119,10 +119,21 @@ def make_sample_dataset(
         raise ValueError(f"need num_clips >= 1 and num_frames >= 1, got {num_clips} and {num_frames}")
     if height % 2 or width % 2 or height < 16 or width < 16:
         raise ValueError(f"height and width must be even and >= 16 for H.264, got {height}x{width}")
-    out = Path(dir).expanduser()
     params = dict(version=_VERSION, num_clips=num_clips, height=height, width=width, num_frames=num_frames, fps=fps)
     if tracks:  # only when asked, so existing folders keep their manifest
         params["tracks"] = True
+
+    def clips():
+        for i in range(num_clips):
+            video, caption = _render(i, height, width, num_frames)
+            side = {"tracks.json": _tracks_bytes(i, height, width, num_frames)} if tracks else {}
+            yield f"clip_{i:03d}", video, caption, side
+    return _write_clip_set(Path(dir).expanduser(), params, clips(), fps)
+
+
+def _write_clip_set(out: Path, params: dict, clips, fps: float) -> Path:
+    """Write (stem, uint8 video, caption, {sidecar suffix: bytes}) as stem.mp4 + stem.txt (+ sidecars) with a
+    manifest of hashes; a folder already holding the same files for the same params is left untouched."""
     manifest = out / _MANIFEST
     if manifest.is_file():
         try:
@@ -135,22 +146,55 @@ def make_sample_dataset(
             pass  # unreadable manifest: regenerate
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    for i in range(num_clips):
-        video, caption = _render(i, height, width, num_frames)
-        clip, txt = out / f"clip_{i:03d}.mp4", out / f"clip_{i:03d}.txt"
+    for stem, video, caption, sidecars in clips:
+        clip, txt = out / f"{stem}.mp4", out / f"{stem}.txt"
         write_video(video, clip, fps=fps)
         txt.write_text(caption + "\n", encoding="utf-8")
         files[clip.name], files[txt.name] = _sha(clip), _sha(txt)
-        if tracks:
-            side = out / f"clip_{i:03d}.tracks.json"
-            side.write_bytes(_tracks_bytes(i, height, width, num_frames))
+        for suffix, data in sidecars.items():
+            side = out / f"{stem}.{suffix}"
+            side.write_bytes(data)
             files[side.name] = _sha(side)
     manifest.write_text(json.dumps({"params": params, "files": files}, indent=1))
-    logger.info(
-        "wrote the sample dataset (%d clips, %dx%d, %d frames at %g fps) to %s",
-        *(num_clips, width, height, num_frames, fps, out),
-    )
+    logger.info("wrote the sample dataset (%d clips, %s) to %s", len(files) // 2 if not params.get("tracks")
+                else len(files) // 3, ", ".join(f"{k}={v}" for k, v in params.items() if k != "version"), out)
     return out
+
+
+def concept_scenes(colour: str = "magenta", num_clips: int = 8):
+    """The scenes of `make_concept_dataset`: the colour on both shapes, every motion and background, and never
+    `DEMO_HELD_OUT_SCENE` (the combination the demo prompt asks for, so its sample shows generalisation)."""
+    from lora_core.demo import scenes as sc
+
+    out = []
+    i = 0
+    while len(out) < num_clips:
+        scene = sc.Scene(sc.SHAPES[i % 2], colour, sc.MOTIONS[(i // 2) % 4], list(sc.BACKGROUNDS)[(i + i // 4) % 4])
+        if (scene.shape, scene.motion, scene.background) != DEMO_HELD_OUT_SCENE:
+            out.append(scene)
+        i += 1
+    return out
+
+
+# (shape, motion, background) of the demo prompt: left out of the concept dataset
+DEMO_HELD_OUT_SCENE = ("circle", "top to bottom", "grey")
+
+
+def make_concept_dataset(dir: str | Path, *, colour: str = "magenta", trigger: str = "sks", num_clips: int = 8,
+                         height: int = 64, width: int = 64, num_frames: int = 17, fps: float = 24) -> Path:
+    """The embedded demo's dataset: clips of a shape in `colour` (one a tiny base never saw in pretraining,
+    `lora_core.demo.scenes.HELD_OUT`) captioned with `trigger` in place of the colour word, e.g.
+    "a sks square moving left to right on a black background". Deterministic and idempotent like
+    `make_sample_dataset`."""
+    from lora_core.demo import scenes as sc
+
+    if num_clips < 1 or num_frames < 1:
+        raise ValueError(f"need num_clips >= 1 and num_frames >= 1, got {num_clips} and {num_frames}")
+    params = dict(version=_VERSION, concept=colour, trigger=trigger, num_clips=num_clips, height=height,
+                  width=width, num_frames=num_frames, fps=fps)
+    clips = ((f"clip_{i:03d}", sc.render(scene, height, width, num_frames), scene.caption(trigger=trigger), {})
+             for i, scene in enumerate(concept_scenes(colour, num_clips)))
+    return _write_clip_set(Path(dir).expanduser(), params, clips, fps)
 
 
 def make_sample_images(dir: str | Path, num_images: int = 8, *, height: int = 64, width: int = 64) -> Path:

@@ -29,7 +29,9 @@ def _finite(x: float) -> bool:
 class ModelConfig:
     backbone: str = ""                    # "" = the registry's default backbone
     preset: str = "tiny"
-    ckpt_dir: str | None = None          # official checkpoint folder; None = random weights (random presets only)
+    # official checkpoint folder; None = the preset's shipped folder if it has one (wan_ti2v tiny), else random
+    # weights (random presets only)
+    ckpt_dir: str | None = None
     sources: dict[str, str] = field(default_factory=dict)   # further named weight sources the backbone declares
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # base weights: auto = bf16 on GPU, fp32 on CPU
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
@@ -166,8 +168,16 @@ class ValidationConfig:
     guidance: float | None = None        # None = the backbone's default
     seed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)   # backbone sampling options (e.g. shift)
+    # after the last step, sample every prompt next to the LoRA: OUTPUT/after.mp4 (after_1.mp4, ...)
+    at_end: bool = False
+    # with at_end, also without the LoRA (same prompt and seed): OUTPUT/before.mp4 and the contact sheet
+    # OUTPUT/before_after.png (a row of frames of each)
+    compare_base: bool = False
 
     def validate(self) -> None:
+        if self.compare_base and not self.at_end:
+            raise _bad("validation.compare_base", True, "validation.at_end=true too (the comparison is made after "
+                       "the last step)")
         if any(":::" in p for p in self.prompts):
             self.prompts = [q.strip() for p in self.prompts for q in p.split(":::") if q.strip()]
         for name, lo in (("every", 0), ("frames", 1), ("height", 1), ("width", 1), ("steps", 1),
