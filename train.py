@@ -505,6 +505,9 @@ class Validator:
         for m in self.trainer.models.values():
             m.eval()
         prompts = v.prompts if spec.uses_text else [None]
+        cuda = self.device.type == "cuda"
+        if cuda:   # the sampling phase's own peak, logged beside the planner's figure for it
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             for i, prompt in enumerate(prompts):
                 for k in range(v.videos_per_prompt):
@@ -517,6 +520,25 @@ class Validator:
         finally:
             for n, m in self.trainer.models.items():
                 m.train(was[n])
+        if cuda:
+            planned = self.planned_gb()
+            log.info("validation sampling peak %.2f GB%s", torch.cuda.max_memory_allocated(self.device) / 2**30,
+                     "" if planned is None else f" (planned {planned:.2f} GB, see --plan)")
+
+    def planned_gb(self) -> float | None:
+        """The planner's validation-sampling peak (GiB, allocated tensors), planned once; None if it fails."""
+        if not hasattr(self, "_planned"):
+            self._planned = None
+            try:
+                from backbones.plan import plan_run
+                cfg = dataclasses.replace(self.cfg, validation=dataclasses.replace(self.cfg.validation,
+                                                                                  every=max(1, self.cfg.validation.every)))
+                plan = plan_run(cfg, self.spec, 1, suggest=False, phases=True)
+                phase = plan.encoder_phases.get("validation sampling")   # the allocator counts no CUDA context
+                self._planned = None if phase is None else (phase - plan.overhead_bytes) / 2**30
+            except Exception as e:  # noqa: BLE001 (advice only)
+                log.warning("planning the validation phase failed (%s: %s)", type(e).__name__, e)
+        return self._planned
 
     def _write(self, video: torch.Tensor, path: Path) -> Path:
         from lora_core.data.video_io import write_video

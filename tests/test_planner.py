@@ -117,3 +117,15 @@ def test_train_plan_flag_and_the_planned_peak_logged_on_a_gpu(capsys: pytest.Cap
     plan = plan_run(cfg, spec, suggest=False, phases=False)
     assert gb is not None and 0 < gb * 2**30 < plan.step_peak_bytes
     assert abs(gb * 2**30 - (plan.step_peak_bytes - plan.overhead_bytes)) < 1e-3 * plan.step_peak_bytes
+
+
+def test_validation_phase_is_planned_for_the_log() -> None:
+    """On a GPU, validation logs its measured peak beside this figure (the planned sampling phase minus the CUDA
+    context allowance, which the allocator does not count)."""
+    import train
+    args = train.parse_args(["--preset", "tiny", "validation.every=5", "validation.prompts=[a]"])
+    cfg, spec = train.resolve_config(args)
+    v = train.Validator.__new__(train.Validator)
+    v.cfg, v.spec = cfg, spec
+    gb = v.planned_gb()
+    assert gb is not None and 0 < gb * 2**30 < 64 * 2**20   # the tiny preset samples in a few MB

@@ -7,7 +7,9 @@ Deterministic from `--seed` (same torch build and thread count). Three parts, th
    in one of four directions across one of the palette's backgrounds (jittered), random 5-frame windows of a
    17-frame crossing at 64x64 (one image chunk and one 4-frame chunk, what the causal chunked codec repeats);
    L1 + MSE, the latent perturbed by noise (so the decoder tolerates a sampler's errors) and kept small;
-   residual branches zero-initialised (`zero_init_branches`). Afterwards its
+   residual branches zero-initialised (`zero_init_branches`); then fewer steps on whole 17-frame clips, so
+   every later chunk, decoded with the previous chunks' caches, is trained too (without them the error grew
+   from chunk to chunk). Afterwards its
    latents are normalised to zero mean and unit variance per channel by folding the statistics into its 1x1
    `conv1` (mean half) and `conv2`, which is exact, so the latents the DiT sees suit the flow objective's unit
    noise. The codec sees every colour; the concept is held out of the generative model.
@@ -77,15 +79,15 @@ def zero_init_branches(vae: WanVAE) -> None:
                 conv.bias.zero_()
 
 
-def train_vae(vae: WanVAE, steps: int, batch: int, lr: float, seed: int) -> dict:
+def train_vae(vae: WanVAE, steps: int, batch: int, lr: float, seed: int, frames: int, name: str) -> dict:
+    """Reconstruction steps on random `frames`-frame windows of FRAMES-frame crossings."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
-    zero_init_branches(vae)
     vae.train()
 
-    def clip() -> torch.Tensor:  # a random window of VAE_FRAMES frames of a FRAMES-frame crossing
-        start = int(rng.integers(0, FRAMES - VAE_FRAMES + 1))
-        return to_video(sc.render(random_scene(rng), SIZE, SIZE, FRAMES)[start:start + VAE_FRAMES])
+    def clip() -> torch.Tensor:
+        start = int(rng.integers(0, FRAMES - frames + 1))
+        return to_video(sc.render(random_scene(rng), SIZE, SIZE, FRAMES)[start:start + frames])
 
     def loss_fn(step: int) -> torch.Tensor:
         x = torch.stack([clip() for _ in range(batch)])
@@ -94,9 +96,9 @@ def train_vae(vae: WanVAE, steps: int, batch: int, lr: float, seed: int) -> dict
         y = vae.decode(z, clamp=False)
         return (y - x).abs().mean() + (y - x).pow(2).mean() + 1e-4 * mu.pow(2).mean()
 
-    out = train_loop("vae", vae.parameters(), loss_fn, steps, lr, log_every=50)
+    out = train_loop(name, vae.parameters(), loss_fn, steps, lr, log_every=50)
     vae.eval()
-    return out
+    return {**out, "batch": batch, "frames": frames}
 
 
 @torch.no_grad()
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--vae-batch", type=int, default=6)
     p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-long-steps", type=int, default=700,
+                   help="then steps on whole 17-frame clips (every chunk of the causal codec, with its caches)")
+    p.add_argument("--vae-long-batch", type=int, default=2)
+    p.add_argument("--vae-long-lr", type=float, default=5e-4)
     p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=1e-3)
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
+    # late in training, with a small learning rate, denormal floats made CPU steps 20x slower
+    torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     spec = get_backbone("wan_ti2v")
@@ -177,9 +185,17 @@ def main(argv: list[str] | None = None) -> int:
                          "from": str(args.vae_from)}
     else:
         log.info("1/3 VAE: %d steps of %d random %d-frame scenes", args.vae_steps, args.vae_batch, VAE_FRAMES)
+        zero_init_branches(vae)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            record["vae"] = train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, args.seed)
+            record["vae"] = train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, VAE_FRAMES, "vae")
+    if args.vae_long_steps:
+        log.info("1/3 VAE: %d steps of %d random %d-frame scenes", args.vae_long_steps, args.vae_long_batch, FRAMES)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 1)
+            record["vae_long"] = train_vae(vae, args.vae_long_steps, args.vae_long_batch, args.vae_long_lr,
+                                           args.seed + 1, FRAMES, "vae (17 frames)")
+    if args.vae_from is None or args.vae_long_steps:
         record["vae"]["latent_stats"] = normalise_latents(vae, videos)
     record["vae"]["psnr_named_scenes_db"] = psnr(vae, videos[::8])
     record["vae"]["psnr_held_out_colour_db"] = psnr(vae, torch.stack(
