@@ -126,18 +126,22 @@ def pad_rows(rows: list[list[int]], max_length: int, pad_id: int) -> tuple[torch
 # Tiny tokenizer for the embedded "tiny" preset and tests
 # ------------------------------------------------------------------------------------------
 
-def build_tiny_tokenizer() -> Tokenizer:
+def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Tokenizer:
     """A deterministic SentencePiece-style Unigram tokenizer (vocab 390, no training data).
 
     Same pipeline shape as umT5's tokenizer.json: NFKC + collapse spaces, Metaspace pre-tokenizer,
     Unigram with byte fallback (any Unicode text round-trips), post-processor appending </s>.
-    Ids: 0 <pad>, 1 </s>, 2 <unk>, then '▁', printable ASCII, '▁'+[a-z0-9], 256 byte tokens.
+    Ids: 0 <pad>, 1 </s>, 2 <unk>, then '▁', printable ASCII, '▁'+[a-z0-9], 256 byte tokens, then one
+    whole-word piece '▁'+word per `extra_words` (ids 390, ...; a corpus's vocabulary, as SentencePiece would
+    learn it: the tiny pretrained base's captions), scored above any spelling of the word from smaller pieces.
     """
     pieces: list[tuple[str, float]] = [(PAD, 0.0), (EOS, 0.0), (UNK, 0.0), ("\u2581", -5.0)]
     pieces += [(chr(c), -5.0) for c in range(33, 127)]
     # Word-initial pieces score above '▁' + char (-10), so "▁a" is one token as in SentencePiece.
     pieces += [("\u2581" + ch, -4.0) for ch in "abcdefghijklmnopqrstuvwxyz0123456789"]
     pieces += [(f"<0x{b:02X}>", -10.0) for b in range(256)]
+    known = {p for p, _ in pieces}
+    pieces += [("\u2581" + w, -3.0) for w in dict.fromkeys(extra_words) if "\u2581" + w not in known]
     assert len(pieces) <= 512 and len({p for p, _ in pieces}) == len(pieces)
 
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=True))

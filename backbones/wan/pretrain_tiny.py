@@ -14,7 +14,10 @@ Deterministic from `--seed` (same torch build and thread count). Three parts, th
    `conv1` (mean half) and `conv2`, which is exact, so the latents the DiT sees suit the flow objective's unit
    noise. The codec sees every colour; the concept is held out of the generative model.
 2. Text encoder: the preset's deterministic random umT5 (seed 2), kept as is: a fixed, distinct encoding of
-   every caption, which the DiT learns to read through cross-attention.
+   every caption, which the DiT learns to read through cross-attention; its tokenizer is the tiny one plus one
+   whole-word piece per word of the captions (spelled letter by letter, the colour was a few characters
+   among fifty and the DiT did not learn to read it). Words outside the captions ("sks", "magenta") are
+   still spelled from letters.
 3. DiT, trained with the fine-tuning objective itself (`WanTI2VSpec.training_loss`: flow matching, logit-normal
    sigma, first-frame conditioning with probability 0.2) on the latents of every named scene of
    `lora_core.demo.scenes` (2 shapes x 6 colours x 4 motions x 4 backgrounds, 17 frames), captions dropped to
@@ -39,6 +42,9 @@ from lora_core.demo import scenes as sc
 from lora_core.demo.pretrain import train_loop, write_record
 from lora_core.runtime.batch import Batch
 
+from ..spec import SampleRequest
+
+from ..encoders.t5_tokenizer import WanTokenizer, build_tiny_tokenizer
 from ..registry import get_backbone
 from .vae import WanVAE
 
@@ -143,6 +149,30 @@ def train_dit(spec, dit: torch.nn.Module, latents: list[torch.Tensor], contexts:
     return out
 
 
+DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
+
+
+@torch.no_grad()
+def evaluate(spec, comps: dict, scenes: list[sc.Scene], steps: int = 10) -> dict:
+    """How well the base follows captions: sampled at the demo's settings (10 UniPC steps, guidance 5, seed 0),
+    the share of scenes whose object colour is within 70 RGB units of the caption's and whose motion points
+    the caption's way (cosine > 0.8); and the object colour it draws for the demo prompt (trigger word)."""
+    from lora_core.demo import motion_direction, object_colour
+    from .spec import DEMO_PROMPT
+    colour_ok = direction_ok = 0
+    for scene in scenes:
+        video = spec.sample(comps, SampleRequest(prompts=[scene.caption()], frames=FRAMES, height=SIZE, width=SIZE,
+                                                 steps=steps, seed=0))[0]
+        got, d = object_colour(video), motion_direction(video)
+        colour_ok += got is not None and float(np.linalg.norm(got - scene.colour_rgb())) < 70
+        direction_ok += d is not None and float(np.dot(d, DIRECTIONS[scene.motion])) > 0.8
+    video = spec.sample(comps, SampleRequest(prompts=[DEMO_PROMPT], frames=FRAMES, height=SIZE, width=SIZE,
+                                             steps=steps, seed=0))[0]
+    demo = object_colour(video)
+    return {"scenes": len(scenes), "colour_right": colour_ok, "direction_right": direction_ok,
+            "demo_prompt": DEMO_PROMPT, "demo_prompt_colour": None if demo is None else [round(float(v)) for v in demo]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -181,30 +211,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_from is not None:
         import json
         vae.load_state_dict(torch.load(args.vae_from / "Wan2.2_VAE.pth", weights_only=True))
-        record["vae"] = {**json.loads((args.vae_from / "pretraining.json").read_text())["vae"],
-                         "from": str(args.vae_from)}
+        earlier = json.loads((args.vae_from / "pretraining.json").read_text())
+        record.update({k: v for k, v in earlier.items() if k.startswith("vae")})
+        record["stages"] = [*earlier.get("stages", [earlier["command"]]), record["command"]]
     else:
         log.info("1/3 VAE: %d steps of %d random %d-frame scenes", args.vae_steps, args.vae_batch, VAE_FRAMES)
         zero_init_branches(vae)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             record["vae"] = train_vae(vae, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, VAE_FRAMES, "vae")
+        # normalised after each stage, so a run split into stages with --vae-from does exactly the same
+        record["vae"]["latent_stats"] = normalise_latents(vae, videos)
     if args.vae_long_steps:
         log.info("1/3 VAE: %d steps of %d random %d-frame scenes", args.vae_long_steps, args.vae_long_batch, FRAMES)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             record["vae_long"] = train_vae(vae, args.vae_long_steps, args.vae_long_batch, args.vae_long_lr,
                                            args.seed + 1, FRAMES, "vae (17 frames)")
-    if args.vae_from is None or args.vae_long_steps:
-        record["vae"]["latent_stats"] = normalise_latents(vae, videos)
+        record["vae_long"]["latent_stats"] = normalise_latents(vae, videos)
     record["vae"]["psnr_named_scenes_db"] = psnr(vae, videos[::8])
     record["vae"]["psnr_held_out_colour_db"] = psnr(vae, torch.stack(
         [to_video(sc.render(s, SIZE, SIZE, FRAMES)) for s in held[::4]]))
     log.info("VAE: PSNR %.2f dB on the named scenes, %.2f dB on the held-out colour",
              record["vae"]["psnr_named_scenes_db"], record["vae"]["psnr_held_out_colour_db"])
 
-    log.info("2/3 text: encoding %d captions with the seeded umT5", len(named))
     captions = [s.caption() for s in named]
+    # the tokenizer's vocabulary gains the captions' words (the tiny one spells words letter by letter)
+    words = tuple(sorted({w for c in captions for w in c.split()}))
+    comps["tokenizer"] = WanTokenizer.from_tokenizer(build_tiny_tokenizer(extra_words=words))
+    record["tokenizer_words"] = list(words)
+    log.info("2/3 text: encoding %d captions with the seeded umT5", len(named))
     enc = spec.encode_text(comps, captions + [""])
     contexts, empty = [e["context"] for e in enc[:-1]], enc[-1]["context"]
     with torch.no_grad():
@@ -219,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     record["dit"]["scenes"] = len(named)
     record["dit"]["colours"] = list(sc.COLOURS)
     record["held_out"] = {k: list(v) for k, v in sc.HELD_OUT.items()}
-    record["total_seconds"] = round(time.perf_counter() - start, 1)
     comps["dit"] = dit
+    if args.dit_steps:
+        record["evaluation"] = evaluate(spec, comps, named[::7])   # 28 scenes, every colour, motion, background
+        log.info("evaluation: %s", record["evaluation"])
+    record["total_seconds"] = round(time.perf_counter() - start, 1)
     for m in comps.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)

@@ -44,7 +44,7 @@ PARTS = ("dit", "vae", "text_encoder")
 TINY_BASE = Path(__file__).parent / "tiny_base"
 # the embedded demo: the concept dataset (magenta shapes captioned "sks") and the prompt sampled before and after
 DEMO_TRIGGER = "sks"
-DEMO_PROMPT = "a sks circle moving top to bottom on a grey background"
+DEMO_PROMPT = "a sks circle moving left to right on a black background"
 
 WanDiT.lora_key_map = KeyMap(dit_to_diffusers, dit_from_diffusers, prefix="transformer.")  # type: ignore[attr-defined]
 WanDiT.backbone_name = "wan_ti2v"  # type: ignore[attr-defined]

@@ -177,7 +177,7 @@ def concept_scenes(colour: str = "magenta", num_clips: int = 8):
 
 
 # (shape, motion, background) of the demo prompt: left out of the concept dataset
-DEMO_HELD_OUT_SCENE = ("circle", "top to bottom", "grey")
+DEMO_HELD_OUT_SCENE = ("circle", "left to right", "black")
 
 
 def make_concept_dataset(dir: str | Path, *, colour: str = "magenta", trigger: str = "sks", num_clips: int = 8,

@@ -26,12 +26,17 @@ def _object_masks(frames: np.ndarray, threshold: float) -> tuple[np.ndarray, np.
 
 
 def object_colour(video: object, threshold: float = 60.0) -> np.ndarray | None:
-    """Mean RGB (0..255) of the object's pixels over all frames; None when no pixel stands out."""
+    """Mean RGB (0..255) of the object's core over all frames: of the pixels that stand out, the half furthest
+    from the background (a blurred edge, part background, would pull the colour towards it); None when no pixel
+    stands out."""
     frames = as_frames(video)
-    mask, _ = _object_masks(frames, threshold)
+    bg = np.median(frames.reshape(frames.shape[0], -1, 3), axis=1)
+    dist = np.linalg.norm(frames - bg[:, None, None, :], axis=-1)
+    mask = dist > threshold
     if not mask.any():
         return None
-    return frames[mask].mean(axis=0)
+    core = mask & (dist >= np.median(dist[mask]))
+    return frames[core].mean(axis=0)
 
 
 def motion_direction(video: object, threshold: float = 60.0) -> np.ndarray | None:
