@@ -150,7 +150,7 @@ def test_image_conditioning_keeps_the_first_frame(tmp_path: Path, lora: Path,
     video = infer.generate(req)
     assert video is not None
     spec = get_backbone("wan_ti2v")
-    comps = spec.build("tiny", {"vae"})
+    comps = spec.build("tiny", {"vae"}, spec.default_ckpt_dir("tiny"))   # infer.py's default: the shipped base
     first = comps["vae"].decode(spec.encode_video(comps, image[None, :, None]))[0, :, 0]  # [3, H, W]
     assert torch.allclose(video[:, 0], first, atol=1e-5)
     assert (videos["lora"][:, 0] - first).abs().max() > 1e-2  # unconditioned: a different first frame

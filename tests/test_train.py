@@ -83,7 +83,7 @@ def test_embedded_default_trains_and_loss_falls(shared, tmp_path):
     saved = load_config(out / "config.yaml")
     assert saved.train.max_steps == 60 and saved.optim.lr == pytest.approx(1e-3)
     spec = get_backbone("wan_ti2v")
-    dit = spec.random_dit("tiny")
+    dit = spec.build("tiny", {"dit"}, spec.default_ckpt_dir("tiny"))["dit"]   # the base the run trained on
     before = _eval_loss(dit, shared)
     load_lora(dit, lora)
     after = _eval_loss(dit, shared)

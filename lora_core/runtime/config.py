@@ -170,14 +170,11 @@ class ValidationConfig:
     extras: dict[str, Any] = field(default_factory=dict)   # backbone sampling options (e.g. shift)
     # after the last step, sample every prompt next to the LoRA: OUTPUT/after.mp4 (after_1.mp4, ...)
     at_end: bool = False
-    # with at_end, also without the LoRA (same prompt and seed): OUTPUT/before.mp4 and the contact sheet
-    # OUTPUT/before_after.png (a row of frames of each)
+    # with at_end (alone it does nothing), also without the LoRA (same prompt and seed): OUTPUT/before.mp4 and
+    # the contact sheet OUTPUT/before_after.png (a row of frames of each)
     compare_base: bool = False
 
     def validate(self) -> None:
-        if self.compare_base and not self.at_end:
-            raise _bad("validation.compare_base", True, "validation.at_end=true too (the comparison is made after "
-                       "the last step)")
         if any(":::" in p for p in self.prompts):
             self.prompts = [q.strip() for p in self.prompts for q in p.split(":::") if q.strip()]
         for name, lo in (("every", 0), ("frames", 1), ("height", 1), ("width", 1), ("steps", 1),
