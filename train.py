@@ -570,10 +570,10 @@ class Validator:
             written += [self._write(video, name("before", i, k)) for (i, k), video in before.items()]
             rows = {}
             prompts = self.cfg.validation.prompts if self.spec.uses_text else [""]
-            for (i, k) in after:
-                label = prompts[i] if i < len(prompts) else ""
-                rows[f"base: {label}" + (f" (seed +{k})" if k else "")] = before[i, k]
-                rows[f"LoRA: {label}" + (f" (seed +{k})" if k else "")] = after[i, k]
+            for (i, k), video in after.items():
+                label = (prompts[i] if i < len(prompts) else "") + (f" (seed +{k})" if k else "")
+                rows[f"base: {label}"] = before[i, k]
+                rows[f"LoRA: {label}"] = video
             written.append(contact_sheet(rows, out / "before_after.png"))
         return written
 

@@ -42,10 +42,9 @@ from lora_core.demo import scenes as sc
 from lora_core.demo.pretrain import train_loop, write_record
 from lora_core.runtime.batch import Batch
 
-from ..spec import SampleRequest
-
 from ..encoders.t5_tokenizer import WanTokenizer, build_tiny_tokenizer
 from ..registry import get_backbone
+from ..spec import SampleRequest
 from .vae import WanVAE
 
 log = logging.getLogger("pretrain_tiny")
@@ -158,6 +157,7 @@ def evaluate(spec, comps: dict, scenes: list[sc.Scene], steps: int = 10) -> dict
     the share of scenes whose object colour is within 70 RGB units of the caption's and whose motion points
     the caption's way (cosine > 0.8); and the object colour it draws for the demo prompt (trigger word)."""
     from lora_core.demo import motion_direction, object_colour
+
     from .spec import DEMO_PROMPT
     colour_ok = direction_ok = 0
     for scene in scenes:

@@ -6,7 +6,7 @@ measures that tell whether a LoRA learned it, and the before/after contact sheet
 - `sheet`: a PNG of frames, one row per video (base vs LoRA).
 """
 from .measure import colour_progress, motion_direction, object_colour
-from .scenes import COLOURS, BACKGROUNDS, MOTIONS, SHAPES, Scene, render
+from .scenes import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, Scene, render
 from .sheet import contact_sheet
 
 __all__ = ["BACKGROUNDS", "COLOURS", "MOTIONS", "SHAPES", "Scene", "colour_progress", "contact_sheet",
