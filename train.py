@@ -556,13 +556,18 @@ class Validator:
         """validation.at_end: every prompt sampled after training, next to the LoRA (after*.mp4); with
         validation.compare_base the same requests without the LoRA (before*.mp4) and a contact sheet of both."""
         from lora_core.demo import contact_sheet
-        from lora_core.inject import disable_lora
+        from lora_core.inject import disable_lora, lora_layers
 
         def name(stem: str, i: int, k: int) -> Path:
             return out / (stem + (f"_{i}" if i else "") + (f"_{k}" if k else ""))
         after = {(i, k): video for i, k, video in self._samples()}
         written = [self._write(video, name("after", i, k)) for (i, k), video in after.items()]
-        if self.cfg.validation.compare_base:
+        compare = self.cfg.validation.compare_base
+        if compare and not any(lora_layers(m) for m in self.trainer.models.values()):
+            log.info("validation.compare_base: skipped, nothing trains as LoRA (a fully trained module has no base "
+                     "to switch back to in memory); sample the base with infer.py")
+            compare = False
+        if compare:
             with contextlib.ExitStack() as stack:
                 for m in self.trainer.models.values():
                     stack.enter_context(disable_lora(m))

@@ -75,3 +75,16 @@ def test_main_job_teaches_the_held_out_colour(tmp_path: Path) -> None:
     assert d is not None and d[0] > 0.8, d
     sheet = Image.open(out / "before_after.png")
     assert sheet.size[0] > 64 * 5 and sheet.size[1] > 2 * 64
+
+
+def test_before_after_files_for_any_backbone(tmp_path: Path) -> None:
+    """validation.at_end + compare_base are backbone-independent: an image backbone writes PNGs."""
+    out = tmp_path / "sd"
+    assert train.main(["--backbone", "sd15", "--preset", "tiny", "--output", str(out), "--max-steps", "4",
+                       "train.log_every=0", "validation.at_end=true", "validation.compare_base=true",
+                       "validation.prompts=[a red square]", "validation.steps=2"]) == 0
+    before, after = np.asarray(Image.open(out / "before.png")), np.asarray(Image.open(out / "after.png"))
+    assert before.shape == after.shape and before.ndim == 3
+    assert not np.array_equal(before, after)        # the same seed, with and without the 4-step LoRA
+    sheet = Image.open(out / "before_after.png")
+    assert sheet.size[1] == 2 * (14 + 2 * before.shape[0])
