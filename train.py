@@ -103,8 +103,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, BackboneSpec]:
         section, field_name = key.split(".", 1)
         implied.setdefault(section, {})[field_name] = value
     cfg = load_config(args.config, flags + args.overrides, base=implied)
-    if cfg.model.ckpt_dir is None and spec.default_ckpt_dir(preset) is not None:
-        cfg.model.ckpt_dir = str(spec.default_ckpt_dir(preset))   # the shipped tiny base (the demo)
+    shipped = spec.default_ckpt_dir(preset)
+    if cfg.model.ckpt_dir is None and shipped is not None:
+        cfg.model.ckpt_dir = str(shipped)   # the shipped tiny base (the demo)
     if not cfg.train.output:
         cfg.train.output = f"runs/{spec.name}_{preset}"
     cfg.objective = objective_from_dict(spec.objective_config(preset), cfg.objective)

@@ -148,9 +148,6 @@ def train_dit(spec, dit: torch.nn.Module, latents: list[torch.Tensor], contexts:
     return out
 
 
-DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
-
-
 @torch.no_grad()
 def evaluate(spec, comps: dict, scenes: list[sc.Scene], steps: int = 10) -> dict:
     """How well the base follows captions: sampled at the demo's settings (10 UniPC steps, guidance 5, seed 0),
@@ -165,7 +162,7 @@ def evaluate(spec, comps: dict, scenes: list[sc.Scene], steps: int = 10) -> dict
                                                  steps=steps, seed=0))[0]
         got, d = object_colour(video), motion_direction(video)
         colour_ok += got is not None and float(np.linalg.norm(got - scene.colour_rgb())) < 70
-        direction_ok += d is not None and float(np.dot(d, DIRECTIONS[scene.motion])) > 0.8
+        direction_ok += d is not None and float(np.dot(d, sc.DIRECTIONS[scene.motion])) > 0.8
     video = spec.sample(comps, SampleRequest(prompts=[DEMO_PROMPT], frames=FRAMES, height=SIZE, width=SIZE,
                                              steps=steps, seed=0))[0]
     demo = object_colour(video)

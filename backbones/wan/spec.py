@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from lora_core.data.sample_data import demo_prompt
 from lora_core.formats import KeyMap, LoRANaming
 
 from ..objectives import flow
@@ -42,9 +43,9 @@ DEFAULT_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清�
 PARTS = ("dit", "vae", "text_encoder")
 # the tiny pretrained base shipped with the project (made by `python -m backbones.wan.pretrain_tiny`)
 TINY_BASE = Path(__file__).parent / "tiny_base"
-# the embedded demo: the concept dataset (magenta shapes captioned "sks") and the prompt sampled before and after
-DEMO_TRIGGER = "sks"
-DEMO_PROMPT = "a sks circle moving left to right on a black background"
+# the embedded demo's prompt, sampled before and after: "a sks circle moving left to right on a black background"
+# (the concept dataset, `make_concept_dataset`, shows magenta shapes captioned "sks" in every other combination)
+DEMO_PROMPT = demo_prompt()
 
 WanDiT.lora_key_map = KeyMap(dit_to_diffusers, dit_from_diffusers, prefix="transformer.")  # type: ignore[attr-defined]
 WanDiT.backbone_name = "wan_ti2v"  # type: ignore[attr-defined]

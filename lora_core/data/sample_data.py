@@ -176,11 +176,20 @@ def concept_scenes(colour: str = "magenta", num_clips: int = 8):
     return out
 
 
-# (shape, motion, background) of the demo prompt: left out of the concept dataset
+# the demo's trigger word and the (shape, motion, background) of its prompt, left out of the concept dataset
+DEMO_TRIGGER = "sks"
 DEMO_HELD_OUT_SCENE = ("circle", "left to right", "black")
 
 
-def make_concept_dataset(dir: str | Path, *, colour: str = "magenta", trigger: str = "sks", num_clips: int = 8,
+def demo_prompt(trigger: str = DEMO_TRIGGER) -> str:
+    """The prompt the demo samples before and after: the held-out combination, the trigger for its colour."""
+    from lora_core.demo import scenes as sc
+
+    shape, motion, background = DEMO_HELD_OUT_SCENE
+    return sc.Scene(shape, "magenta", motion, background).caption(trigger=trigger)
+
+
+def make_concept_dataset(dir: str | Path, *, colour: str = "magenta", trigger: str = DEMO_TRIGGER, num_clips: int = 8,
                          height: int = 64, width: int = 64, num_frames: int = 17, fps: float = 24) -> Path:
     """The embedded demo's dataset: clips of a shape in `colour` (one a tiny base never saw in pretraining,
     `lora_core.demo.scenes.HELD_OUT`) captioned with `trigger` in place of the colour word, e.g.

@@ -20,6 +20,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (18, 18, 18), "navy": (25, 35, 100), "dark green": (25, 75, 40), "grey": (120, 120, 120),
 }  # fmt: skip
 MOTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
+# each motion's direction in the image (x right, y down), what `measure.motion_direction` reads back
+DIRECTIONS: dict[str, tuple[int, int]] = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1),
+                                          "bottom to top": (0, -1)}
 SHAPES = ("square", "circle")
 
 

@@ -12,9 +12,8 @@ from lora_core.data.sample_data import DEMO_HELD_OUT_SCENE, concept_scenes, make
 from lora_core.data.video_io import read_video
 from lora_core.demo import contact_sheet, motion_direction, object_colour
 from lora_core.demo.measure import colour_progress
-from lora_core.demo.scenes import BACKGROUNDS, COLOURS, HELD_OUT, MOTIONS, Scene, named_scenes, render
+from lora_core.demo.scenes import BACKGROUNDS, COLOURS, DIRECTIONS, HELD_OUT, MOTIONS, Scene, named_scenes, render
 
-DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
 
 
 @pytest.mark.parametrize("motion", MOTIONS)
