@@ -11,6 +11,9 @@ Variants, all sharing one base weight (frozen) and, for the LoRA ones, the same 
   peft_style  eager PEFT-style module: fp32 adapter, nn.Identity dropout, x.to(A.dtype),
               lora_B(lora_A(x)) * scale, then added to the base output
   peft        peft.get_peft_model on a one-Linear module (row skipped when peft is not installed)
+  ours_kernels  the GEMM kernels `ours` dispatches (forward and backward, recorded with a TorchDispatchMode),
+              replayed alone on random tensors of the same layouts: the floor of this implementation with
+              these BLAS calls (what is left above it is Python, autograd and allocation)
 
 Memory: `saved_MB` is the bytes autograd keeps for backward beyond the parameters (unique storages seen
 by torch.autograd.graph.saved_tensors_hooks during the forward; x counts when a variant keeps it);
@@ -28,7 +31,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import summarize, time_round_robin, write_results  # noqa: E402
+from benchmarks.common import record_kernels, replay_kernels, summarize, time_round_robin, write_results  # noqa: E402
 from lora_core.layers import LoRALinear  # noqa: E402
 
 # Wan2.2 TI2V-5B: dim 3072, FFN 14336; 1024 is the small reference case.
@@ -140,7 +143,7 @@ def saved_activation_bytes(mod: nn.Module, x: torch.Tensor) -> int:
 
 def bench_config(d_in: int, d_out: int, rank: int, tokens: int, dtype: torch.dtype, device: torch.device,
                  names: list[str], iters: int | None, warmup: int, budget_s: float,
-                 clock: str = "wall") -> list[dict[str, Any]]:
+                 clock: str = "wall", kernel_floor: bool = True) -> list[dict[str, Any]]:
     mods = build_variants(d_in, d_out, rank, alpha=float(rank), dtype=dtype, device=device, names=names)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, d_in, generator=g).to(device=device, dtype=dtype).requires_grad_()
@@ -166,6 +169,10 @@ def bench_config(d_in: int, d_out: int, rank: int, tokens: int, dtype: torch.dty
 
     fns = {k: step(m) for k, m in mods.items()}
     before = {k: clear(m) for k, m in mods.items()}
+    if "ours" in mods and kernel_floor:  # our layer's GEMMs alone, replayed in the same rounds
+        before["ours"]()
+        fns["ours_kernels"] = replay_kernels(record_kernels(fns["ours"]))
+        before["ours"]()
     if iters is None:  # fit the rounds into the time budget of this configuration
         probe = time_round_robin({"base": fns["base"]}, iters=1, warmup=1, device=device, before=before)["base"][0]
         iters = int(max(5, min(50, budget_s / (probe * len(fns) * 1.3))))
@@ -175,16 +182,17 @@ def bench_config(d_in: int, d_out: int, rank: int, tokens: int, dtype: torch.dty
     base_sum = summarize(times["base"])
     base_med = base_sum["median_ms"]
     flop_ratio = 1 + 1.5 * rank * (d_in + d_out) / (d_in * d_out)  # notes §3.6: extra LoRA GEMM FLOPs
-    for name, mod in mods.items():
+    for name in fns:
+        mod = mods.get(name)
         s = summarize(times[name])
         paired = sorted(t / b for t, b in zip(times[name], times["base"]))
         row = {"shape": f"{d_in}->{d_out}", "M": tokens, "r": rank, "variant": name,
                "median_ms": s["median_ms"], "iqr_ms": s["p75_ms"] - s["p25_ms"],
                "ratio": s["median_ms"] / base_med, "paired_ratio": paired[len(paired) // 2],
                "min_ratio": s["min_ms"] / base_sum["min_ms"],
-               "flop_ratio": flop_ratio if name in ("ours", "peft_style", "peft") else 1.0,
-               "saved_MB": saved_activation_bytes(mod, x) / 2**20, "n": s["n"]}
-        if device.type == "cuda":
+               "flop_ratio": flop_ratio if name in ("ours", "ours_kernels", "peft_style", "peft") else 1.0,
+               "saved_MB": saved_activation_bytes(mod, x) / 2**20 if mod is not None else None, "n": s["n"]}
+        if device.type == "cuda" and mod is not None:
             clear(mod)()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -251,7 +259,8 @@ def main() -> None:
                 print(f"{row['shape']:>12} r={r:<4} {row['variant']:>10}  {row['median_ms']:9.2f} ms  "
                       f"x{row['ratio']:.3f} (paired x{row['paired_ratio']:.3f}, min x{row['min_ratio']:.3f}, "
                       f"flops x{row['flop_ratio']:.3f})  "
-                      f"saved {row['saved_MB']:.1f} MB" + (f"  peak {row['peak_MB']:.0f} MB" if cuda else ""),
+                      + (f"saved {row['saved_MB']:.1f} MB" if row["saved_MB"] is not None else "")
+                      + (f"  peak {row['peak_MB']:.0f} MB" if "peak_MB" in row else ""),
                       flush=True)
             rows += new
 
@@ -262,7 +271,8 @@ def main() -> None:
     notes = ("ratio = median / median of `base` in the same run; paired_ratio = median over rounds of "
              "(variant time / base time in that round); min_ratio = fastest / fastest base (robust to "
              "neighbours on a shared machine); flop_ratio = 1 + 1.5 r (I+O)/(I O), the "
-             "FLOP-only floor (notes §3.6). Forward+backward, base weight frozen, x requires grad.")
+             "FLOP-only floor (notes §3.6). Forward+backward, base weight frozen, x requires grad. "
+             "ours_kernels: the GEMMs `ours` dispatches, replayed alone in the same rounds (its kernel floor).")
     config = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
               "plan": plan, "variants": names, "iters": args.iters, "warmup": args.warmup, "clock": args.clock,
               "threads": torch.get_num_threads()}

@@ -124,3 +124,102 @@ def write_results(name: str, device: torch.device | str, rows: Sequence[dict[str
               "config: " + ", ".join(f"{k}={v}" for k, v in config.items()), ""]
     md_path.write_text("\n".join(header) + markdown_table(rows, columns) + "\n" + (f"\n{notes}\n" if notes else ""))
     return json_path, md_path
+
+
+# -- kernel floor: the heavy kernels of a step, replayed alone ----------------------------------------
+
+_HEAVY = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention_for_cpu",
+          "_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_efficient_attention",
+          "_scaled_dot_product_efficient_attention_backward", "_flash_attention_forward", "_flash_attention_backward",
+          "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
+
+
+class _TensorSpec(tuple):
+    """(shape, stride, dtype, device) of a tensor argument seen while recording."""
+
+
+def record_kernels(fn: Callable[[], Any], skip_dim: int | None = None) -> list[tuple[Any, tuple, dict]]:
+    """The GEMM, convolution and attention kernels (aten ops in `_HEAVY`) that fn() dispatches, forward and
+    backward, in order, with each tensor argument reduced to its layout. Calls with a tensor dimension equal
+    to `skip_dim` are left out (the LoRA rank: what is left is the frozen model's own work)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[tuple[Any, tuple, dict]] = []
+
+    def spec(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return _TensorSpec((tuple(a.shape), a.stride(), a.dtype, a.device))
+        return a
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ in _HEAVY:
+                dims = {d for a in args if isinstance(a, torch.Tensor) for d in a.shape}
+                if skip_dim is None or skip_dim not in dims:
+                    calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    with _Recorder():
+        fn()
+    return calls
+
+
+def kernel_signature(calls: Sequence[tuple[Any, tuple, dict]]) -> list[str]:
+    """Sorted op + shapes of recorded calls: equal lists mean two models run the same heavy kernels."""
+    return sorted(f"{f.overloadpacket.__name__}{[a[0] for a in args if isinstance(a, _TensorSpec)]}"
+                  for f, args, _ in calls)
+
+
+def gemm_gflop(calls: Sequence[tuple[Any, tuple, dict]]) -> float:
+    """GFLOP of the recorded mm/addmm calls (2 M N K each); attention and convolutions not counted."""
+    total = 0
+    for f, args, _ in calls:
+        mats = [a[0] for a in args if isinstance(a, _TensorSpec) and len(a[0]) == 2]
+        if f.overloadpacket.__name__ in ("mm", "addmm", "addmm_") and len(mats) >= 2:
+            (m, k), (_, n) = mats[-2], mats[-1]
+            total += 2 * m * n * k
+    return total / 1e9
+
+
+def replay_kernels(calls: Sequence[tuple[Any, tuple, dict]], seed: int = 0) -> Callable[[], None]:
+    """A function that runs the recorded kernels again, alone and in order, on random tensors of the recorded
+    layouts (inputs made once, up front; outputs allocated by each call as in the real step). An attention
+    backward gets the output and log-sum-exp of a real forward on its inputs, so its exponentials stay finite."""
+    g = torch.Generator().manual_seed(seed)
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def make(s: _TensorSpec, tag: Any = None) -> torch.Tensor:
+        shape, stride, dtype, device = s
+        key = (shape, stride, dtype, device, tag)
+        if key not in cache:
+            t = torch.empty_strided(shape, stride, dtype=torch.float32 if dtype.is_floating_point else dtype)
+            if dtype.is_floating_point:
+                t.copy_(torch.randn(shape, generator=g))
+            else:
+                t.zero_()
+            cache[key] = t.to(device=device, dtype=dtype)
+        return cache[key]
+
+    prepared = []
+    for func, args, kwargs in calls:
+        name = func.overloadpacket.__name__
+        if name.endswith("_backward") and "attention" in name:
+            fwd = getattr(torch.ops.aten, name.removesuffix("_backward"))
+            grad, q, k, v = (make(a, i) for i, a in enumerate(args[:4]))
+            with torch.no_grad():
+                outs = fwd(q, k, v)
+            out, lse = outs[0], outs[1]
+            real = [grad, q, k, v, out, lse] + [a for a in args[6:]]
+            prepared.append((func, tuple(real), {k: (make(v) if isinstance(v, _TensorSpec) else v)
+                                                 for k, v in kwargs.items()}))
+        else:
+            prepared.append((func, tuple(make(a, i) if isinstance(a, _TensorSpec) else a for i, a in enumerate(args)),
+                             {k: (make(v) if isinstance(v, _TensorSpec) else v) for k, v in kwargs.items()}))
+
+    def run() -> None:
+        with torch.no_grad():
+            for func, args, kwargs in prepared:  # in-place ones (addmm_) accumulate into their cached input
+                func(*args, **kwargs)
+
+    return run
