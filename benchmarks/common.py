@@ -152,7 +152,7 @@ def record_kernels(fn: Callable[[], Any], skip_dim: int | None = None) -> list[t
         return a
 
     class _Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func.overloadpacket.__name__ in _HEAVY:
                 dims = {d for a in args if isinstance(a, torch.Tensor) for d in a.shape}
