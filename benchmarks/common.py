@@ -193,12 +193,10 @@ def replay_kernels(calls: Sequence[tuple[Any, tuple, dict]], seed: int = 0) -> C
         shape, stride, dtype, device = s
         key = (shape, stride, dtype, device, tag)
         if key not in cache:
-            t = torch.empty_strided(shape, stride, dtype=torch.float32 if dtype.is_floating_point else dtype)
-            if dtype.is_floating_point:
-                t.copy_(torch.randn(shape, generator=g))
-            else:
-                t.zero_()
-            cache[key] = t.to(device=device, dtype=dtype)
+            # a flat storage of the layout's extent viewed with its strides (broadcast strides of 0 included)
+            n = 1 + sum((d - 1) * st for d, st in zip(shape, stride)) if all(shape) else 0
+            flat = torch.randn(n, generator=g) if dtype.is_floating_point else torch.zeros(n, dtype=dtype)
+            cache[key] = flat.to(device=device, dtype=dtype).as_strided(shape, stride)
         return cache[key]
 
     prepared = []
