@@ -12,6 +12,7 @@ Structure follows bench_train_step.py --vs-diffusers (Wan).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from dataclasses import asdict
@@ -28,6 +29,13 @@ from lora_core.inject import inject_lora, lora_layers  # noqa: E402
 from tests.oracle import randomize_  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# --size bench: the official layouts (SD1.5, SVD-xt, CogVideoX-2B) narrowed so that one fp32 step takes about a
+# second on 2 CPU cores, large enough for the GEMMs and attention to dominate as they do at full size.
+BENCH_SIZES = {
+    "sd15": dict(block_out_channels=(128, 256, 512, 512), sample_size=32),             # 8 heads, CLIP-L width 768
+    "svd": dict(block_out_channels=(128, 256, 512, 512), num_attention_heads=(2, 4, 8, 8), num_frames=4),
+    "cogvideox": dict(num_attention_heads=8, num_layers=4, sample_frames=17, sample_height=32, sample_width=32),
+}
 RANK = 8
 FAMILIES = ("sd15", "svd", "cogvideox")
 
@@ -68,10 +76,13 @@ def add_lora(ours: torch.nn.Module, ref: torch.nn.Module, seed: int = 0) -> int:
 
 # -- families: each returns ours, ref, call_ours(), call_ref(), config dict ------------------------
 
-def build_sd15():
+def build_sd15(size: str = "tiny"):
     import diffusers
 
-    ours = get_backbone("sd15").build("tiny", {"unet"})["unet"]
+    from backbones.sd.unet import UNET_PRESETS, UNet2DConditionModel
+
+    ours = get_backbone("sd15").build("tiny", {"unet"})["unet"] if size == "tiny" else UNet2DConditionModel(
+        dataclasses.replace(UNET_PRESETS["sd15"], **BENCH_SIZES["sd15"]))
     ref = diffusers.UNet2DConditionModel(**asdict(ours.config))
     randomize_(ref, 1)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -84,30 +95,35 @@ def build_sd15():
     return ours, ref, (lambda: ours(x, t, ctx)), (lambda: ref(x, t, ctx, return_dict=False)[0]), cfg
 
 
-def build_svd():
+def build_svd(size: str = "tiny"):
     import diffusers
 
-    ours = get_backbone("svd").build("tiny", {"unet"})["unet"]
+    from backbones.svd.unet import UNET_PRESETS, UNetSpatioTemporalConditionModel
+
+    ours = get_backbone("svd").build("tiny", {"unet"})["unet"] if size == "tiny" else UNetSpatioTemporalConditionModel(
+        dataclasses.replace(UNET_PRESETS["svd-xt"], **BENCH_SIZES["svd"]))
     ref = diffusers.UNetSpatioTemporalConditionModel(
         **{k: v for k, v in asdict(ours.config).items() if k not in ("mask_token", "framer_temporal_context")})
     randomize_(ref, 2)
     ours.load_state_dict(ref.state_dict(), strict=True)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 4, ours.config.in_channels, 16, 16, generator=g)
+    hw = 16 if size == "tiny" else 32
+    x = torch.randn(1, 4, ours.config.in_channels, hw, hw, generator=g)
     t = torch.tensor([0.25])
     ctx = torch.randn(1, 1, ours.config.cross_attention_dim, generator=g)
     ids = torch.tensor([[6.0, 127.0, 0.02]])
-    cfg = {"input": f"1x4x{ours.config.in_channels}x16x16", "context": f"1x1x{ours.config.cross_attention_dim}",
+    cfg = {"input": f"1x4x{ours.config.in_channels}x{hw}x{hw}", "context": f"1x1x{ours.config.cross_attention_dim}",
            "added_time_ids": "[[6,127,0.02]]", "block_out_channels": ours.config.block_out_channels}
     return (ours, ref, (lambda: ours(x, t, ctx, ids)), (lambda: ref(x, t, ctx, ids, return_dict=False)[0]), cfg)
 
 
-def build_cogvideox():
+def build_cogvideox(size: str = "tiny"):
     import diffusers
 
     from backbones.cogvideox.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer3DModel
 
-    c = TRANSFORMER_PRESETS["tiny"]
+    c = TRANSFORMER_PRESETS["tiny"] if size == "tiny" else dataclasses.replace(
+        TRANSFORMER_PRESETS["2b"], **BENCH_SIZES["cogvideox"])
     ref = diffusers.CogVideoXTransformer3DModel(
         num_attention_heads=c.num_attention_heads, attention_head_dim=c.attention_head_dim,
         in_channels=c.in_channels, out_channels=c.out_channels, time_embed_dim=c.time_embed_dim,
@@ -121,7 +137,7 @@ def build_cogvideox():
     if c.use_rotary_positional_embeddings:
         raise NotImplementedError("tiny preset with RoPE: pass image_rotary_emb to diffusers")
     g = torch.Generator().manual_seed(3)
-    f, h, w = 2, 4, 6
+    f, h, w = (2, 4, 6) if size == "tiny" else (5, 16, 16)
     x = torch.randn(1, f, c.in_channels, h * c.patch_size, w * c.patch_size, generator=g)
     ctx = torch.randn(1, c.max_text_seq_length, c.text_embed_dim, generator=g)
     t = torch.tensor([500])
@@ -133,9 +149,9 @@ def build_cogvideox():
 BUILDERS = {"sd15": build_sd15, "svd": build_svd, "cogvideox": build_cogvideox}
 
 
-def run_family(family: str, iters: int) -> tuple[list[dict], dict]:
+def run_family(family: str, iters: int, size: str = "tiny") -> tuple[list[dict], dict]:
     torch.manual_seed(0)
-    ours, ref, call_ours, call_ref, cfg = BUILDERS[family]()
+    ours, ref, call_ours, call_ref, cfg = BUILDERS[family](size)
     ours.eval(), ref.eval()
     with torch.no_grad():
         base_ref = call_ref()
@@ -214,19 +230,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=(*FAMILIES, "all"), default="all")
     ap.add_argument("--iters", type=int, default=7, help="timed rounds (>= 7 recommended)")
+    ap.add_argument("--size", choices=("tiny", "bench"), default="tiny",
+                    help="tiny: the test presets (per-call overheads dominate); bench: see BENCH_SIZES")
     ap.add_argument("--no-write", dest="write", action="store_false")
     args = ap.parse_args()
     fams = FAMILIES if args.family == "all" else (args.family,)
     rows, configs = [], {}
     for fam in fams:
-        r, c = run_family(fam, args.iters)
+        r, c = run_family(fam, args.iters, args.size)
         rows += r
         configs[fam] = c
         print(markdown_table(r, COLUMNS), flush=True)
     print()
     print(markdown_table(rows, COLUMNS))
     if args.write:
-        config = {"families": ",".join(fams), "lora_rank": RANK, "lora_alpha": RANK, "targets": "/".join(TARGETS),
+        config = {"size": args.size, "families": ",".join(fams), "lora_rank": RANK, "lora_alpha": RANK, "targets": "/".join(TARGETS),
                   "iters": args.iters, "warmup": 1, "threads": torch.get_num_threads(), "batch": 1,
                   **{f"{f}.{k}": v for f, c in configs.items() for k, v in c.items()}}
         notes = ("Machine: the 2 CPU cores are shared with other work, so absolute times are noisy; compare only "
@@ -239,7 +257,7 @@ def main() -> None:
                  "bf16 = torch.autocast('cpu', bfloat16) (memory only, not timed). out_rel_err: max |ours - "
                  "diffusers| / max |diffusers| of the LoRA'd forward, fp32; lora_grad_rel_err: the same over all LoRA A/B "
                  "gradients together.")
-        paths = write_results("denoisers_vs_diffusers", "cpu", rows, COLUMNS, config, notes)
+        paths = write_results("denoisers_vs_diffusers" + ("_bench" if args.size == "bench" else ""), "cpu", rows, COLUMNS, config, notes)
         print("wrote", *paths)
 
 

@@ -161,11 +161,46 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------- building blocks
+class _LayerNormFp32Fn(torch.autograd.Function):
+    """F.layer_norm(x.float(), shape, w.float(), b.float(), eps).to(x.dtype) with the same forward and backward
+    kernels autograd would run, but saving x in its own dtype (plus the fp32 mean and rstd [..., 1]) instead of
+    its fp32 copy: backward re-makes x.float() (exact) and calls native_layer_norm_backward, so the gradients
+    are bit-identical to the plain expression and a bf16 input keeps half the bytes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                shape: tuple[int, ...], eps: float) -> torch.Tensor:
+        w = weight.float() if weight is not None else None
+        b = bias.float() if bias is not None else None
+        out, mean, rstd = torch.native_layer_norm(x.float(), shape, w, b, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.shape = shape
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.float() if weight is not None else None
+        b = bias.float() if bias is not None else None
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            g.float(), x.float(), ctx.shape, mean, rstd, w, b, [need_x, need_w and w is not None,
+                                                               need_b and b is not None])
+        return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype) if gw is not None else None,
+                gb.to(bias.dtype) if gb is not None else None, None, None)
+
+
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with fp32 statistics (weights up-cast too), result in the input dtype."""
+    """nn.LayerNorm with fp32 statistics (weights up-cast too), result in the input dtype. When autograd
+    records it, it keeps the input in its own dtype, not the fp32 copy (`_LayerNormFp32Fn`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 because bf16 variance over thousands of channels is coarse; identical in fp32.
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            with torch.autocast(x.device.type, enabled=False):
+                return _LayerNormFp32Fn.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
@@ -365,9 +400,12 @@ class CogVideoXBlock(nn.Module):
         encoder_hidden_states = encoder_hidden_states + enc_gate * attn_e
 
         v, e, gate, enc_gate = self.norm2(hidden_states, encoder_hidden_states, temb)
-        # The FF is per token, so text and video need not be concatenated (upstream does; same numbers).
-        hidden_states = hidden_states + gate * self.ff(v)
-        encoder_hidden_states = encoder_hidden_states + enc_gate * self.ff(e)
+        # [text; video] in one FF call as upstream: one GEMM per linear and, under autocast, one cast weight
+        # kept for backward instead of two.
+        ff = self.ff(torch.cat([e, v], dim=1))
+        t = e.shape[1]
+        hidden_states = hidden_states + gate * ff[:, t:]
+        encoder_hidden_states = encoder_hidden_states + enc_gate * ff[:, :t]
         return hidden_states, encoder_hidden_states
 
 
