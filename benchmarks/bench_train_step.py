@@ -217,7 +217,8 @@ def build_vs_diffusers(dim: int, heads: int, layers: int, ffn_dim: int, rank: in
 def run_vs_diffusers(args: argparse.Namespace) -> None:
     import time as _time
 
-    from benchmarks.common import gemm_gflop, kernel_signature, record_kernels, replay_kernels, time_round_robin
+    from benchmarks.common import (gemm_gflop, kernel_signature, record_kernels, replay_kernels, time_round_robin,
+                                   without_dim)
 
     torch.manual_seed(0)
     ours, ref, cfg, n_lora = build_vs_diffusers(args.width, args.heads, args.blocks, args.ffn_dim, args.rank)
@@ -275,16 +276,14 @@ def run_vs_diffusers(args: argparse.Namespace) -> None:
     # Kernel floors, timed in the same rounds: the GEMM / convolution / attention kernels of a step replayed
     # alone (no elementwise ops, norms, Python). "base kernels": the frozen model's own (LoRA-rank GEMMs left
     # out), the same list for both models (checked); "our kernels": ours with its LoRA GEMMs.
-    base_ours, base_ref = (record_kernels(steps[k], skip_dim=args.rank) for k in ("ours", "diffusers"))
+    all_ours, all_ref = (record_kernels(steps[k]) for k in ("ours", "diffusers"))
     zero()
-    if kernel_signature(base_ours) != kernel_signature(base_ref):
+    base_ref = without_dim(all_ref, args.rank)
+    if kernel_signature(without_dim(all_ours, args.rank)) != kernel_signature(base_ref):
         raise RuntimeError("ours and diffusers run different frozen-model kernels; the floor would not be shared")
-    all_ours = record_kernels(steps["ours"])
-    zero()
     floors = {"floor: our kernels": replay_kernels(all_ours), "floor: base kernels": replay_kernels(base_ref)}
-    gflop = {"ours": gemm_gflop(all_ours), "diffusers": gemm_gflop(record_kernels(steps["diffusers"])),
+    gflop = {"ours": gemm_gflop(all_ours), "diffusers": gemm_gflop(all_ref),
              "floor: our kernels": gemm_gflop(all_ours), "floor: base kernels": gemm_gflop(base_ref)}
-    zero()
     times = time_round_robin({**steps, **floors}, iters=iters, warmup=1, device="cpu",
                              before={k: zero for k in steps}, clock=args.clock)
     times_bf16 = {}

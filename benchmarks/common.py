@@ -138,10 +138,9 @@ class _TensorSpec(tuple):
     """(shape, stride, dtype, device) of a tensor argument seen while recording."""
 
 
-def record_kernels(fn: Callable[[], Any], skip_dim: int | None = None) -> list[tuple[Any, tuple, dict]]:
+def record_kernels(fn: Callable[[], Any]) -> list[tuple[Any, tuple, dict]]:
     """The GEMM, convolution and attention kernels (aten ops in `_HEAVY`) that fn() dispatches, forward and
-    backward, in order, with each tensor argument reduced to its layout. Calls with a tensor dimension equal
-    to `skip_dim` are left out (the LoRA rank: what is left is the frozen model's own work)."""
+    backward, in order, with each tensor argument reduced to its layout."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls: list[tuple[Any, tuple, dict]] = []
@@ -155,14 +154,18 @@ def record_kernels(fn: Callable[[], Any], skip_dim: int | None = None) -> list[t
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func.overloadpacket.__name__ in _HEAVY:
-                dims = {d for a in args if isinstance(a, torch.Tensor) for d in a.shape}
-                if skip_dim is None or skip_dim not in dims:
-                    calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
+                calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
             return func(*args, **kwargs)
 
     with _Recorder():
         fn()
     return calls
+
+
+def without_dim(calls: Sequence[tuple[Any, tuple, dict]], dim: int) -> list[tuple[Any, tuple, dict]]:
+    """The recorded calls none of whose tensor arguments has a dimension of size `dim` (pass the LoRA rank:
+    what is left is the frozen model's own work)."""
+    return [c for c in calls if not any(isinstance(a, _TensorSpec) and dim in a[0] for a in c[1])]
 
 
 def kernel_signature(calls: Sequence[tuple[Any, tuple, dict]]) -> list[str]:
