@@ -143,7 +143,7 @@ def saved_activation_bytes(mod: nn.Module, x: torch.Tensor) -> int:
 
 def bench_config(d_in: int, d_out: int, rank: int, tokens: int, dtype: torch.dtype, device: torch.device,
                  names: list[str], iters: int | None, warmup: int, budget_s: float,
-                 clock: str = "wall", kernel_floor: bool = True) -> list[dict[str, Any]]:
+                 clock: str = "wall") -> list[dict[str, Any]]:
     mods = build_variants(d_in, d_out, rank, alpha=float(rank), dtype=dtype, device=device, names=names)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, d_in, generator=g).to(device=device, dtype=dtype).requires_grad_()
@@ -169,7 +169,7 @@ def bench_config(d_in: int, d_out: int, rank: int, tokens: int, dtype: torch.dty
 
     fns = {k: step(m) for k, m in mods.items()}
     before = {k: clear(m) for k, m in mods.items()}
-    if "ours" in mods and kernel_floor:  # our layer's GEMMs alone, replayed in the same rounds
+    if "ours" in mods:  # our layer's GEMMs alone, replayed in the same rounds
         before["ours"]()
         fns["ours_kernels"] = replay_kernels(record_kernels(fns["ours"]))
         before["ours"]()

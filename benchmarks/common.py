@@ -205,18 +205,12 @@ def replay_kernels(calls: Sequence[tuple[Any, tuple, dict]], seed: int = 0) -> C
     prepared = []
     for func, args, kwargs in calls:
         name = func.overloadpacket.__name__
-        if name.endswith("_backward") and "attention" in name:
-            fwd = getattr(torch.ops.aten, name.removesuffix("_backward"))
-            grad, q, k, v = (make(a, i) for i, a in enumerate(args[:4]))
+        real = [make(a, i) if isinstance(a, _TensorSpec) else a for i, a in enumerate(args)]
+        if name.endswith("_backward") and "attention" in name:  # (grad, q, k, v, out, lse, ...)
             with torch.no_grad():
-                outs = fwd(q, k, v)
-            out, lse = outs[0], outs[1]
-            real = [grad, q, k, v, out, lse] + [a for a in args[6:]]
-            prepared.append((func, tuple(real), {k: (make(v) if isinstance(v, _TensorSpec) else v)
-                                                 for k, v in kwargs.items()}))
-        else:
-            prepared.append((func, tuple(make(a, i) if isinstance(a, _TensorSpec) else a for i, a in enumerate(args)),
-                             {k: (make(v) if isinstance(v, _TensorSpec) else v) for k, v in kwargs.items()}))
+                real[4:6] = getattr(torch.ops.aten, name.removesuffix("_backward"))(*real[1:4])[:2]
+        prepared.append((func, tuple(real), {k: make(v) if isinstance(v, _TensorSpec) else v
+                                             for k, v in kwargs.items()}))
 
     def run() -> None:
         with torch.no_grad():
